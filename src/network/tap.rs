@@ -1,0 +1,242 @@
+//! Persistent tap devices, made and removed with ioctls (no `ip` processes on the create path).
+
+use std::ffi::CStr;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+/// Errors of tap handling; each names the device.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// The name does not fit in `IFNAMSIZ`.
+    #[error("tap name {0:?} is not a valid interface name")]
+    BadName(String),
+    /// `/dev/net/tun` could not be opened.
+    #[error("cannot open /dev/net/tun (is the tun module loaded, and are we root?): {0}")]
+    OpenTun(#[source] io::Error),
+    /// An ioctl on the device failed.
+    #[error("{op} on tap {name} failed: {source}")]
+    Ioctl {
+        op: &'static str,
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+// Values from linux/if_tun.h and linux/sockios.h.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// A tap device owned by one sandbox. Dropping it does nothing: removal is explicit, because
+/// a tap must outlive a server restart when its VM is re-adopted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapDevice {
+    pub name: String,
+}
+
+impl TapDevice {
+    /// Creates a persistent tap, gives it `host_ip/netmask` and brings it up.
+    ///
+    /// If the device is left half-made by a failure here, it is removed before returning.
+    pub fn create(name: &str, host_ip: Ipv4Addr, netmask: Ipv4Addr) -> Result<TapDevice, TapError> {
+        let tap = TapDevice {
+            name: name.to_string(),
+        };
+        let tun = tap.attach()?;
+        tap.ioctl_int(&tun, TUNSETPERSIST, 1, "TUNSETPERSIST")?;
+        drop(tun);
+
+        if let Err(e) = tap.configure(host_ip, netmask) {
+            let _ = tap.remove();
+            return Err(e);
+        }
+        Ok(tap)
+    }
+
+    /// Removes the device. Succeeds if it is already gone.
+    pub fn remove(&self) -> Result<(), TapError> {
+        if !Self::exists(&self.name) {
+            return Ok(());
+        }
+        let tun = self.attach()?;
+        self.ioctl_int(&tun, TUNSETPERSIST, 0, "TUNSETPERSIST(0)")
+        // Closing `tun` now drops the last reference and the kernel deletes the device.
+    }
+
+    /// Removes the tap called `name`, if it exists.
+    pub fn remove_named(name: &str) -> Result<(), TapError> {
+        TapDevice {
+            name: name.to_string(),
+        }
+        .remove()
+    }
+
+    pub fn exists(name: &str) -> bool {
+        Path::new("/sys/class/net").join(name).exists()
+    }
+
+    /// Names of all network links on the host that start with `prefix`.
+    pub fn list_with_prefix(prefix: &str) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Opens `/dev/net/tun` and binds it to this device (creating it if needed).
+    fn attach(&self) -> Result<File, TapError> {
+        let tun = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(TapError::OpenTun)?;
+        let mut req = self.ifreq()?;
+        req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        // SAFETY: `tun` is an open tun fd and `req` is a valid, initialised ifreq that lives
+        // for the duration of the call; TUNSETIFF reads and writes only that struct.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req) };
+        if rc < 0 {
+            return Err(self.ioctl_error("TUNSETIFF"));
+        }
+        Ok(tun)
+    }
+
+    fn ioctl_int(
+        &self,
+        tun: &File,
+        op: libc::c_ulong,
+        value: libc::c_ulong,
+        what: &'static str,
+    ) -> Result<(), TapError> {
+        // SAFETY: TUNSETPERSIST takes its argument by value; no memory is passed.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), op as _, value) };
+        if rc < 0 {
+            return Err(self.ioctl_error(what));
+        }
+        Ok(())
+    }
+
+    /// Sets the address and netmask, then sets IFF_UP.
+    fn configure(&self, ip: Ipv4Addr, netmask: Ipv4Addr) -> Result<(), TapError> {
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(self.ioctl_error("socket(AF_INET)"));
+        }
+        // SAFETY: `raw` is a fresh, valid fd that nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+
+        for (op, addr, what) in [
+            (libc::SIOCSIFADDR, ip, "SIOCSIFADDR"),
+            (libc::SIOCSIFNETMASK, netmask, "SIOCSIFNETMASK"),
+        ] {
+            let mut req = self.ifreq()?;
+            req.ifr_ifru.ifru_addr = sockaddr_from(addr);
+            // SAFETY: `req` is a valid ifreq holding an AF_INET sockaddr; the ioctl only
+            // reads it.
+            let rc = unsafe { libc::ioctl(sock.as_raw_fd(), op as _, &mut req) };
+            if rc < 0 {
+                return Err(self.ioctl_error(what));
+            }
+        }
+
+        let mut req = self.ifreq()?;
+        // SAFETY: SIOCGIFFLAGS fills `ifru_flags` of the valid ifreq we pass.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
+            return Err(self.ioctl_error("SIOCGIFFLAGS"));
+        }
+        // SAFETY: the kernel just wrote `ifru_flags`, so reading that union field is sound.
+        unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+        // SAFETY: as above; SIOCSIFFLAGS only reads the struct.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut req) } < 0 {
+            return Err(self.ioctl_error("SIOCSIFFLAGS"));
+        }
+        Ok(())
+    }
+
+    fn ifreq(&self) -> Result<libc::ifreq, TapError> {
+        let bytes = self.name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+            return Err(TapError::BadName(self.name.clone()));
+        }
+        // SAFETY: ifreq is plain old data; all-zero is a valid value (empty name, zero union).
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        debug_assert!(
+            // SAFETY: the name is NUL-terminated because the array was zeroed and we wrote
+            // fewer than IFNAMSIZ bytes.
+            unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) }.to_bytes() == bytes
+        );
+        Ok(req)
+    }
+
+    fn ioctl_error(&self, op: &'static str) -> TapError {
+        TapError::Ioctl {
+            op,
+            name: self.name.clone(),
+            source: io::Error::last_os_error(),
+        }
+    }
+}
+
+fn sockaddr_from(ip: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes) and sockaddr is the
+    // generic view of it that the SIOCSIF* ioctls expect.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+// Values from linux/if_arp.h.
+const ATF_COM: libc::c_int = 0x02;
+const ATF_PERM: libc::c_int = 0x04;
+const ARPHRD_ETHER: libc::sa_family_t = 1;
+
+impl TapDevice {
+    /// Adds a permanent ARP entry for the guest, so the host never waits on ARP resolution
+    /// while the guest boots (a failed resolution would delay the first SSH connect by ~1 s).
+    pub fn set_static_neighbor(&self, guest_ip: Ipv4Addr, mac: [u8; 6]) -> Result<(), TapError> {
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(self.ioctl_error("socket(AF_INET)"));
+        }
+        // SAFETY: `raw` is a fresh, valid fd that nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+
+        // SAFETY: arpreq is plain old data; all-zero is a valid value.
+        let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
+        req.arp_pa = sockaddr_from(guest_ip);
+        req.arp_ha.sa_family = ARPHRD_ETHER;
+        for (dst, src) in req.arp_ha.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+        req.arp_flags = ATF_COM | ATF_PERM;
+        let name = self.ifreq()?.ifr_name;
+        req.arp_dev = name;
+        // SAFETY: `req` is a valid arpreq that outlives the call; SIOCSARP only reads it.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSARP as _, &mut req) } < 0 {
+            return Err(self.ioctl_error("SIOCSARP"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,98 @@
+//! Server start-up and shutdown: configuration, backend choice, reconcile, serve, teardown.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::api::{AppState, router};
+use crate::config::Config;
+use crate::guest::GuestKeys;
+use crate::network::firewall::Firewall;
+use crate::sandbox::Sandboxes;
+use crate::vmm::{HostCaps, Vmm};
+
+/// Anything that stops the server from starting; the message is printed as is.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Backend(#[from] crate::vmm::host::ChoiceError),
+    #[error("guest keys: {0}")]
+    Keys(#[from] crate::guest::GuestError),
+    #[error("cannot enable IPv4 forwarding (/proc/sys/net/ipv4/ip_forward): {0}")]
+    Forwarding(std::io::Error),
+    #[error("firewall: {0}")]
+    Firewall(#[from] crate::network::firewall::FirewallError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Runs the server until SIGINT or SIGTERM, then destroys (or keeps) every sandbox.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let caps = HostCaps::probe(
+        &config.firecracker_bin,
+        &config.qemu_bin,
+        config.jailer_bin.as_deref(),
+    );
+    let (backend, reason) = caps.choose(config.vmm, &config.firecracker_bin, &config.qemu_bin)?;
+    let bin = match backend {
+        crate::vmm::Backend::Firecracker => caps.firecracker_bin.clone(),
+        _ => caps.qemu_bin.clone(),
+    }
+    .unwrap_or_else(|| unreachable!("choose() only picks a backend whose binary exists"));
+    info!(vmm = backend.name(), bin = %bin.display(), %reason, "VMM chosen");
+
+    let keys = GuestKeys::load(&config.ssh_key_path, &config.ssh_host_key_path)?;
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(StartError::Forwarding)?;
+    let firewall = Firewall::new(&config.host_iface, config.egress);
+    let listen_addr = config.listen_addr;
+    let keep_on_exit = config.keep_on_exit;
+    let api_token = config.api_token.clone().map(Arc::new);
+    let sandboxes = Arc::new(Sandboxes::new(config, Vmm { backend, bin }, keys, firewall));
+
+    let report = sandboxes.reconcile().await?;
+    info!(
+        adopted = ?report.adopted,
+        cleaned = ?report.cleaned,
+        stray_dirs = report.stray_dirs.len(),
+        stray_taps = ?report.stray_taps,
+        "reconciled state left by earlier runs"
+    );
+
+    let listener = TcpListener::bind(listen_addr)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: listen_addr,
+            source,
+        })?;
+    info!(addr = %listen_addr, auth = api_token.is_some(), "listening");
+    let app = router(AppState {
+        sandboxes: Arc::clone(&sandboxes),
+        api_token,
+    });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    if let Err(e) = served {
+        warn!(error = %e, "server stopped with an error");
+    }
+
+    sandboxes.shutdown(keep_on_exit).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(signal = name, "shutting down");
+}
