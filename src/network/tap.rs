@@ -5,7 +5,6 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
 
 /// Errors of tap handling; each names the device.
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +60,8 @@ impl TapDevice {
 
     /// Removes the device. Succeeds if it is already gone.
     pub fn remove(&self) -> Result<(), TapError> {
-        if !Self::exists(&self.name) {
-            return Ok(());
-        }
+        // Attaching to a missing name creates a fresh tap, which closing the fd right away
+        // deletes again, so this needs no existence check and has no window for a race.
         let tun = self.attach()?;
         self.ioctl_int(&tun, TUNSETPERSIST, 0, "TUNSETPERSIST(0)")
         // Closing `tun` now drops the last reference and the kernel deletes the device.
@@ -77,19 +75,37 @@ impl TapDevice {
         .remove()
     }
 
+    /// True if a link of this name exists in the calling thread's network namespace.
     pub fn exists(name: &str) -> bool {
-        Path::new("/sys/class/net").join(name).exists()
+        let Ok(c_name) = std::ffi::CString::new(name) else {
+            return false;
+        };
+        // SAFETY: `c_name` is a valid NUL-terminated string for the duration of the call.
+        unsafe { libc::if_nametoindex(c_name.as_ptr()) != 0 }
     }
 
-    /// Names of all network links on the host that start with `prefix`.
+    /// Names of all network links in the calling thread's namespace that start with `prefix`.
     pub fn list_with_prefix(prefix: &str) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.starts_with(prefix))
-            .collect();
+        let mut names = Vec::new();
+        // SAFETY: if_nameindex returns a heap array terminated by an entry with index 0 and
+        // a null name, or null on failure; we read it up to the terminator and free it once.
+        unsafe {
+            let list = libc::if_nameindex();
+            if list.is_null() {
+                return names;
+            }
+            let mut entry = list;
+            while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+                let name = CStr::from_ptr((*entry).if_name)
+                    .to_string_lossy()
+                    .into_owned();
+                if name.starts_with(prefix) {
+                    names.push(name);
+                }
+                entry = entry.add(1);
+            }
+            libc::if_freenameindex(list);
+        }
         names.sort();
         names
     }

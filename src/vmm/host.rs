@@ -135,10 +135,9 @@ impl HostCaps {
                 if self.qemu_bin.is_none() {
                     return Err(ChoiceError::NoVmm(qemu.to_path_buf()));
                 }
-                let not_fc = match (&self.firecracker_bin, &kvm_problem) {
-                    (None, _) => format!("Firecracker binary {} not found", firecracker.display()),
-                    (Some(_), Some(why)) => format!("Firecracker cannot boot guests here: {why}"),
-                    (Some(_), None) => unreachable!("handled above"),
+                let not_fc = match &self.firecracker_bin {
+                    None => format!("Firecracker binary {} not found", firecracker.display()),
+                    Some(_) => "Firecracker cannot boot standard guests here".to_string(),
                 };
                 let (backend, why) = qemu_backend();
                 Ok((backend, format!("{not_fc}; using {why}")))

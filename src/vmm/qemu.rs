@@ -34,7 +34,7 @@ pub fn args(spec: &VmSpec, kvm: bool) -> Vec<String> {
         "-name".to_string(),
         format!("manta-{}", spec.sandbox_id),
         "-M".to_string(),
-        "microvm,x-option-roms=off,isa-serial=on,rtc=on".to_string(),
+        "microvm,x-option-roms=off,acpi=off".to_string(),
         "-accel".to_string(),
         accel.to_string(),
         "-cpu".to_string(),
