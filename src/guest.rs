@@ -139,37 +139,39 @@ impl GuestSession {
     ) -> Result<Self, GuestError> {
         let started = Instant::now();
         let mut last_error = String::from("no attempt yet");
-        loop {
-            if !vm_alive() {
-                return Err(GuestError::VmExited { addr });
-            }
-            let left = timeout.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                return Err(GuestError::NotReady {
-                    addr,
-                    waited_ms: started.elapsed().as_millis(),
-                    last_error,
-                });
-            }
-            match tokio::time::timeout(CONNECT_ATTEMPT.min(left), TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => {
-                    let attempt = Self::handshake(addr, stream, keys);
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT.min(left), attempt).await {
-                        Ok(Ok(session)) => return Ok(session),
-                        Ok(Err(
-                            e @ (GuestError::HostKeyMismatch { .. }
-                            | GuestError::AuthRejected { .. }),
-                        )) => {
-                            return Err(e);
-                        }
-                        Ok(Err(e)) => last_error = e.to_string(),
-                        Err(_) => last_error = "SSH handshake timed out".to_string(),
-                    }
+        let attempts = async {
+            loop {
+                if !vm_alive() {
+                    return Err(GuestError::VmExited { addr });
                 }
-                Ok(Err(e)) => last_error = e.to_string(),
-                Err(_) => last_error = "TCP connect timed out".to_string(),
+                match tokio::time::timeout(CONNECT_ATTEMPT, TcpStream::connect(addr)).await {
+                    Ok(Ok(stream)) => {
+                        let attempt = Self::handshake(addr, stream, keys);
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
+                            Ok(Ok(session)) => return Ok(session),
+                            Ok(Err(
+                                e @ (GuestError::HostKeyMismatch { .. }
+                                | GuestError::AuthRejected { .. }),
+                            )) => {
+                                return Err(e);
+                            }
+                            Ok(Err(e)) => last_error = e.to_string(),
+                            Err(_) => last_error = "SSH handshake timed out".to_string(),
+                        }
+                    }
+                    Ok(Err(e)) => last_error = e.to_string(),
+                    Err(_) => last_error = "TCP connect timed out".to_string(),
+                }
+                tokio::time::sleep(RETRY_PAUSE).await;
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+        };
+        match tokio::time::timeout(timeout, attempts).await {
+            Ok(result) => result,
+            Err(_) => Err(GuestError::NotReady {
+                addr,
+                waited_ms: started.elapsed().as_millis(),
+                last_error,
+            }),
         }
     }
 

@@ -33,6 +33,8 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 const RECORD_FILE: &str = "sandbox.json";
 /// Per-sandbox disk file name.
 const DISK_FILE: &str = "rootfs.ext4";
+/// How often a running exec checks that the VM process still lives.
+const VM_WATCH_INTERVAL: Duration = Duration::from_millis(200);
 /// How long re-adoption waits for a surviving guest's SSH at start.
 const ADOPT_SSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -437,7 +439,16 @@ impl Sandboxes {
             output_limit: self.config.exec_output_limit,
             exec_id: &exec_id,
         };
-        let result = session.exec(&request).await;
+        // A guest that dies mid-exec is noticed from its VMM process within a poll interval,
+        // without waiting for SSH keepalives to run out.
+        let vm = sandbox.vm();
+        let result = tokio::select! {
+            result = session.exec(&request) => result,
+            () = wait_for_exit(vm) => Err(GuestError::Connection {
+                addr: sandbox.guest_addr(),
+                reason: "the VM process exited during the command".to_string(),
+            }),
+        };
         if sandbox.state() == SandboxState::Destroying {
             return Err(SandboxError::DestroyedDuringExec(id.to_string()));
         }
@@ -617,6 +628,7 @@ impl Sandboxes {
     /// cleans up those whose VM died, and removes Manta leftovers that have no record.
     pub async fn reconcile(&self) -> Result<ReconcileReport, FirewallError> {
         let mut report = ReconcileReport::default();
+        report.stale_rules = self.firewall.sandbox_ids_in_rules();
         let firewall = self.firewall.clone();
         tokio::task::spawn_blocking(move || firewall.install())
             .await
@@ -773,6 +785,8 @@ pub struct ReconcileReport {
     pub cleaned: Vec<String>,
     pub stray_dirs: Vec<String>,
     pub stray_taps: Vec<String>,
+    /// Sandbox ids that had firewall rules before the chains were rebuilt.
+    pub stale_rules: Vec<String>,
 }
 
 /// Creates the tap (with the guest's static ARP entry) and the sandbox's firewall rule.
@@ -792,6 +806,16 @@ fn setup_network(slot: Slot, firewall: &Firewall, sandbox_id: &str) -> Result<Ta
         return Err(e);
     }
     Ok(tap)
+}
+
+/// Resolves once the VM process has exited (never, if there is none to watch).
+async fn wait_for_exit(vm: Option<Arc<VmProcess>>) {
+    let Some(vm) = vm else {
+        return std::future::pending().await;
+    };
+    while vm.is_alive() {
+        tokio::time::sleep(VM_WATCH_INTERVAL).await;
+    }
 }
 
 /// Kills any VMM whose command line names this sandbox directory (a VMM we lost track of).

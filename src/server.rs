@@ -62,6 +62,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         cleaned = ?report.cleaned,
         stray_dirs = report.stray_dirs.len(),
         stray_taps = ?report.stray_taps,
+        rules_rebuilt_for = ?report.stale_rules,
         "reconciled state left by earlier runs"
     );
 

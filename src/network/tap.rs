@@ -31,6 +31,8 @@ const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// How long removal waits for a tap that is still attached to an exiting process.
+const BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A tap device owned by one sandbox. Dropping it does nothing: removal is explicit, because
 /// a tap must outlive a server restart when its VM is re-adopted.
@@ -59,10 +61,24 @@ impl TapDevice {
     }
 
     /// Removes the device. Succeeds if it is already gone.
+    ///
+    /// Attaching to a missing name creates a fresh tap, which closing the fd right away
+    /// deletes again, so this needs no existence check. A tap still attached to a VMM that is
+    /// exiting answers EBUSY for a moment; that is retried for up to [`BUSY_RETRY`].
     pub fn remove(&self) -> Result<(), TapError> {
-        // Attaching to a missing name creates a fresh tap, which closing the fd right away
-        // deletes again, so this needs no existence check and has no window for a race.
-        let tun = self.attach()?;
+        let deadline = std::time::Instant::now() + BUSY_RETRY;
+        let tun = loop {
+            match self.attach() {
+                Ok(tun) => break tun,
+                Err(TapError::Ioctl { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         self.ioctl_int(&tun, TUNSETPERSIST, 0, "TUNSETPERSIST(0)")
         // Closing `tun` now drops the last reference and the kernel deletes the device.
     }

@@ -167,7 +167,7 @@ impl VmProcess {
                     unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
                 }
                 let deadline = tokio::time::Instant::now() + timeout;
-                while pid_alive(self.pid) {
+                while !released(self.pid) {
                     if tokio::time::Instant::now() > deadline {
                         return false;
                     }
@@ -242,6 +242,18 @@ fn pid_alive(pid: u32) -> bool {
             .unwrap_or(false),
         Err(_) => false,
     }
+}
+
+/// True once `pid` has let go of everything it held: it is gone, or it is a zombie with no
+/// threads left. (A zombie thread-group leader can still have threads exiting, and those
+/// hold the shared file table, and so the tap, until they are done.)
+fn released(pid: u32) -> bool {
+    if pid_alive(pid) {
+        return false;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| tasks.count() <= 1)
+        .unwrap_or(true)
 }
 
 /// True if `pid` is alive and its command line contains `marker`.

@@ -189,6 +189,9 @@ pub struct Server {
 pub struct ServerOptions {
     pub env: Vec<(String, String)>,
     pub token: Option<String>,
+    /// Size of a tmpfs mounted as the work dir before the server starts (the server runs in
+    /// its own mount namespace, so a later mount would not be seen by it).
+    pub work_dir_tmpfs_mib: Option<u32>,
 }
 
 impl Server {
@@ -198,9 +201,23 @@ impl Server {
 
     pub fn start_with(options: ServerOptions) -> Server {
         let artifacts = require_root_and_artifacts();
+        become_subreaper();
         let net = TestNet::new();
         let work_dir = std::env::temp_dir().join(format!("{}-work", net.name));
         let _ = std::fs::remove_dir_all(&work_dir);
+        if let Some(mib) = options.work_dir_tmpfs_mib {
+            std::fs::create_dir_all(&work_dir).unwrap();
+            let size = format!("size={mib}m");
+            sh(&[
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                &size,
+                "tmpfs",
+                work_dir.to_str().unwrap(),
+            ]);
+        }
         let mut server = Server {
             net,
             work_dir,
@@ -472,11 +489,16 @@ impl Drop for Server {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Whatever the test did, leave no VM of ours running.
+        // Whatever the test did, leave no VM of ours running, and no zombie of one either.
         for pid in self.vmm_pids() {
             // SAFETY: kill(2) on a VMM started for this test's work dir.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
+        reap_orphaned_vmms();
+        let _ = Command::new("umount")
+            .arg(&self.work_dir)
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.work_dir);
         if std::thread::panicking() {
             eprintln!(
@@ -486,6 +508,36 @@ impl Drop for Server {
             );
         }
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Makes this test process the reaper of orphans below it: a VMM whose server was killed
+/// with SIGKILL is re-parented here rather than to the machine's init (which, in some
+/// sandboxes, never reaps), so [`reap_orphaned_vmms`] can collect it.
+fn become_subreaper() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes a plain integer argument.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+}
+
+/// Reaps exited VMM processes that were re-parented to this test process.
+pub fn reap_orphaned_vmms() {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        let vmm = comm.starts_with("qemu-system") || comm.starts_with("firecracker");
+        if vmm && state == Some("Z") && ppid == Some(me.as_str()) {
+            // SAFETY: waitpid on a zombie child of ours; status pointer may be null.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        }
     }
 }
 
