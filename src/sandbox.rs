@@ -627,8 +627,10 @@ impl Sandboxes {
     /// Start-up reconcile: installs the firewall, re-adopts sandboxes whose VM still runs,
     /// cleans up those whose VM died, and removes Manta leftovers that have no record.
     pub async fn reconcile(&self) -> Result<ReconcileReport, FirewallError> {
-        let mut report = ReconcileReport::default();
-        report.stale_rules = self.firewall.sandbox_ids_in_rules();
+        let mut report = ReconcileReport {
+            stale_rules: self.firewall.sandbox_ids_in_rules(),
+            ..Default::default()
+        };
         let firewall = self.firewall.clone();
         tokio::task::spawn_blocking(move || firewall.install())
             .await
