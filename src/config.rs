@@ -13,6 +13,8 @@ pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_WORK_DIR: &str = "/tmp/manta";
 /// Default cap on the bytes of stdout plus stderr kept per exec (10 MiB).
 pub const DEFAULT_EXEC_OUTPUT_LIMIT: usize = 10 * 1024 * 1024;
+/// User QEMU drops to after start-up (Debian's unprivileged `nobody`).
+pub const DEFAULT_VMM_USER: &str = "nobody";
 /// Memory the host keeps for itself when the sandbox cap is derived from RAM (MiB).
 const HOST_RESERVED_MIB: u64 = 1024;
 /// Guest memory assumed per sandbox when deriving the default cap (MiB).
@@ -89,6 +91,8 @@ pub struct Config {
     pub keep_on_exit: bool,
     pub api_token: Option<String>,
     pub egress: EgressPolicy,
+    /// Unprivileged user QEMU switches to once it has opened its devices; `None` for root.
+    pub vmm_user: Option<String>,
 }
 
 impl Config {
@@ -220,6 +224,19 @@ impl Config {
             }
         };
 
+        let vmm_user = match get("MANTA_VMM_USER").unwrap_or(DEFAULT_VMM_USER) {
+            "root" => None,
+            name if host.user_exists(name) => Some(name.to_string()),
+            name => {
+                return Err(ConfigError::Invalid {
+                    var: "MANTA_VMM_USER",
+                    value: name.to_string(),
+                    reason: "no such user on this host (or set it to root to keep QEMU privileged)"
+                        .to_string(),
+                });
+            }
+        };
+
         let work_dir = path("MANTA_WORK_DIR", DEFAULT_WORK_DIR);
         if work_dir.as_os_str().is_empty() || work_dir == Path::new("/") {
             return Err(ConfigError::Invalid {
@@ -246,6 +263,7 @@ impl Config {
             keep_on_exit,
             api_token,
             egress,
+            vmm_user,
         })
     }
 }
@@ -255,6 +273,7 @@ pub trait HostFacts {
     fn iface_exists(&self, name: &str) -> bool;
     fn default_route_iface(&self) -> Option<String>;
     fn total_memory_mib(&self) -> u64;
+    fn user_exists(&self, name: &str) -> bool;
 }
 
 /// The machine the server runs on.
@@ -284,6 +303,10 @@ impl HostFacts for RealHost {
             })
             .map(|kib| kib / 1024)
             .unwrap_or(0)
+    }
+
+    fn user_exists(&self, name: &str) -> bool {
+        matches!(nix::unistd::User::from_name(name), Ok(Some(_)))
     }
 }
 
@@ -362,6 +385,9 @@ mod tests {
         fn total_memory_mib(&self) -> u64 {
             24 * 1024
         }
+        fn user_exists(&self, name: &str) -> bool {
+            name == "nobody"
+        }
     }
 
     fn base_vars() -> HashMap<String, String> {
@@ -396,6 +422,8 @@ mod tests {
         assert_eq!(config.exec_output_limit, DEFAULT_EXEC_OUTPUT_LIMIT);
         assert_eq!(config.egress, EgressPolicy::Internet);
         assert!(!config.keep_on_exit);
+        assert_eq!(config.vmm_user.as_deref(), Some("nobody"));
+        assert_eq!(with(&[("MANTA_VMM_USER", "root")]).unwrap().vmm_user, None);
     }
 
     #[test]
@@ -419,6 +447,7 @@ mod tests {
                 "MANTA_KERNEL_PATH",
             ),
             ("MANTA_WORK_DIR", "/", "MANTA_WORK_DIR"),
+            ("MANTA_VMM_USER", "nosuchuser", "MANTA_VMM_USER"),
         ];
         for (var, value, named) in cases {
             let err = with(&[(var, value)]).expect_err(&format!("{var}={value} must be rejected"));

@@ -54,7 +54,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let listen_addr = config.listen_addr;
     let keep_on_exit = config.keep_on_exit;
     let api_token = config.api_token.clone().map(Arc::new);
-    let sandboxes = Arc::new(Sandboxes::new(config, Vmm { backend, bin }, keys, firewall));
+    let run_as = match backend {
+        crate::vmm::Backend::Firecracker => None,
+        _ => config.vmm_user.clone(),
+    };
+    let vmm = Vmm {
+        backend,
+        bin,
+        run_as,
+    };
+    let sandboxes = Arc::new(Sandboxes::new(config, vmm, keys, firewall));
 
     let report = sandboxes.reconcile().await?;
     info!(

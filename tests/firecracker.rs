@@ -76,6 +76,7 @@ fn firecracker_accepts_config_and_starts_then_leaves_nothing() {
             let vmm = Vmm {
                 backend: Backend::Firecracker,
                 bin: bin2,
+                run_as: None,
             };
             let vm = vmm
                 .start(&spec2)

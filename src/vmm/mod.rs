@@ -94,6 +94,8 @@ pub struct VmSpec {
 pub struct Vmm {
     pub backend: Backend,
     pub bin: PathBuf,
+    /// User QEMU drops to after opening its devices (`-runas`); `None` keeps root.
+    pub run_as: Option<String>,
 }
 
 impl Vmm {
@@ -102,8 +104,8 @@ impl Vmm {
     pub async fn start(&self, spec: &VmSpec) -> Result<VmProcess, VmmError> {
         match self.backend {
             Backend::Firecracker => firecracker::start(&self.bin, spec).await,
-            Backend::QemuKvm => qemu::start(&self.bin, spec, true).await,
-            Backend::QemuTcg => qemu::start(&self.bin, spec, false).await,
+            Backend::QemuKvm => qemu::start(&self.bin, spec, true, self.run_as.as_deref()).await,
+            Backend::QemuTcg => qemu::start(&self.bin, spec, false, self.run_as.as_deref()).await,
         }
     }
 }

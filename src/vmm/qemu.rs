@@ -7,7 +7,12 @@ use super::{CONSOLE_LOG, VMM_LOG, VmProcess, VmSpec, VmmError, create_log, spawn
 
 /// Starts QEMU for `spec`. QEMU opens the tap and disk itself, so once the process runs, the
 /// guest is booting.
-pub async fn start(bin: &Path, spec: &VmSpec, kvm: bool) -> Result<VmProcess, VmmError> {
+pub async fn start(
+    bin: &Path,
+    spec: &VmSpec,
+    kvm: bool,
+    run_as: Option<&str>,
+) -> Result<VmProcess, VmmError> {
     // QEMU writes the console itself (see `args`); its stdout stays empty.
     let stdout = create_log(spec, VMM_LOG)?;
     let stderr = stdout.try_clone().map_err(|source| VmmError::LogFile {
@@ -17,7 +22,13 @@ pub async fn start(bin: &Path, spec: &VmSpec, kvm: bool) -> Result<VmProcess, Vm
     })?;
     create_log(spec, CONSOLE_LOG)?;
 
-    let child = spawn(bin, &args(spec, kvm), stdout, stderr, &spec.sandbox_id)?;
+    let child = spawn(
+        bin,
+        &args(spec, kvm, run_as),
+        stdout,
+        stderr,
+        &spec.sandbox_id,
+    )?;
     VmProcess::from_child(child).ok_or_else(|| VmmError::ExitedEarly {
         sandbox_id: spec.sandbox_id.clone(),
         bin: bin.display().to_string(),
@@ -27,10 +38,23 @@ pub async fn start(bin: &Path, spec: &VmSpec, kvm: bool) -> Result<VmProcess, Vm
 }
 
 /// The QEMU command line for `spec`.
-pub fn args(spec: &VmSpec, kvm: bool) -> Vec<String> {
+///
+/// Hardening: QEMU's seccomp filter (`-sandbox on`) denies obsolete system calls, spawning
+/// processes and resource control; with `run_as`, QEMU opens the tap, disk and logs as root,
+/// then switches to that user for good (`-runas`), which needs set*id left allowed in the
+/// filter; without it, set*id is denied too.
+pub fn args(spec: &VmSpec, kvm: bool, run_as: Option<&str>) -> Vec<String> {
     let (accel, cpu) = if kvm { ("kvm", "host") } else { ("tcg", "max") };
     let console = spec.work_dir.join(CONSOLE_LOG);
-    [
+    let elevate = if run_as.is_some() { "allow" } else { "deny" };
+    let mut args: Vec<String> = vec![
+        "-sandbox".to_string(),
+        format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"),
+    ];
+    if let Some(user) = run_as {
+        args.extend(["-runas".to_string(), user.to_string()]);
+    }
+    args.extend([
         "-name".to_string(),
         format!("manta-{}", spec.sandbox_id),
         "-M".to_string(),
@@ -62,8 +86,8 @@ pub fn args(spec: &VmSpec, kvm: bool) -> Vec<String> {
         format!("tap,id=net0,ifname={},script=no,downscript=no", spec.tap),
         "-device".to_string(),
         format!("virtio-net-device,netdev=net0,mac={}", spec.guest_mac),
-    ]
-    .into()
+    ]);
+    args
 }
 
 #[cfg(test)]
@@ -85,7 +109,7 @@ mod tests {
             boot_args: "console=ttyS0 ip=1.2.3.4".to_string(),
             work_dir: PathBuf::from("/w/sb-1"),
         };
-        let line = args(&spec, false).join(" ");
+        let line = args(&spec, false, Some("nobody")).join(" ");
         for part in [
             "-accel tcg -cpu max -smp 2 -m 512M",
             "-kernel /k/vmlinux -append console=ttyS0 ip=1.2.3.4",
@@ -93,9 +117,13 @@ mod tests {
             "ifname=mt4,script=no",
             "mac=06:00:ac:1f:00:04",
             "-serial file:/w/sb-1/console.log",
+            "-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+            "-runas nobody",
         ] {
             assert!(line.contains(part), "{part:?} missing from {line}");
         }
-        assert!(args(&spec, true).join(" ").contains("-accel kvm -cpu host"));
+        let privileged = args(&spec, true, None).join(" ");
+        assert!(privileged.contains("-accel kvm -cpu host"));
+        assert!(privileged.contains("elevateprivileges=deny") && !privileged.contains("-runas"));
     }
 }

@@ -107,7 +107,43 @@ impl TestNet {
             "dev",
             "up0",
         ]);
+        // No IPv6 chatter on the uplink, so the sink's counters count only guest traffic.
+        for ns in [&net.name, &net.sink] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+            ]);
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ]);
+        }
         net
+    }
+
+    /// Packet count of the first rule in `table`/`chain` whose text contains `needle`.
+    pub fn rule_packets(&self, table: &str, chain: &str, needle: &str) -> u64 {
+        let rules = self.exec(&["iptables", "-w", "5", "-t", table, "-v", "-S", chain]);
+        let line = rules
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no rule with {needle:?} in {table}/{chain}:\n{rules}"));
+        let mut words = line.split_whitespace();
+        words.find(|w| *w == "-c");
+        words
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no counter in {line}"))
     }
 
     /// Runs a command inside the namespace.
