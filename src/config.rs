@@ -13,6 +13,8 @@ pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_WORK_DIR: &str = "/tmp/manta";
 /// Default cap on the bytes of stdout plus stderr kept per exec (10 MiB).
 pub const DEFAULT_EXEC_OUTPUT_LIMIT: usize = 10 * 1024 * 1024;
+/// Root disk copies kept ready, so a create renames one instead of copying the image.
+pub const DEFAULT_DISK_POOL: usize = 2;
 /// User QEMU drops to after start-up (Debian's unprivileged `nobody`).
 pub const DEFAULT_VMM_USER: &str = "nobody";
 /// Memory the host keeps for itself when the sandbox cap is derived from RAM (MiB).
@@ -93,6 +95,8 @@ pub struct Config {
     pub egress: EgressPolicy,
     /// Unprivileged user QEMU switches to once it has opened its devices; `None` for root.
     pub vmm_user: Option<String>,
+    /// Root disk copies kept ready ahead of creates (0 disables the pool).
+    pub disk_pool: usize,
 }
 
 impl Config {
@@ -237,6 +241,11 @@ impl Config {
             }
         };
 
+        let disk_pool = match get("MANTA_DISK_POOL") {
+            Some(raw) => parse_in_range("MANTA_DISK_POOL", raw, 0, 64)?,
+            None => DEFAULT_DISK_POOL,
+        };
+
         let work_dir = path("MANTA_WORK_DIR", DEFAULT_WORK_DIR);
         if work_dir.as_os_str().is_empty() || work_dir == Path::new("/") {
             return Err(ConfigError::Invalid {
@@ -264,6 +273,7 @@ impl Config {
             api_token,
             egress,
             vmm_user,
+            disk_pool,
         })
     }
 }
@@ -448,6 +458,7 @@ mod tests {
             ),
             ("MANTA_WORK_DIR", "/", "MANTA_WORK_DIR"),
             ("MANTA_VMM_USER", "nosuchuser", "MANTA_VMM_USER"),
+            ("MANTA_DISK_POOL", "65", "MANTA_DISK_POOL"),
         ];
         for (var, value, named) in cases {
             let err = with(&[(var, value)]).expect_err(&format!("{var}={value} must be rejected"));

@@ -196,3 +196,145 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Copies of the base image made ahead of time, so that create only renames one into place.
+///
+/// On ext4 a copy costs hundreds of milliseconds, most of a sandbox's own create overhead;
+/// keeping a few ready moves that cost off the request path. The pool lives in one directory
+/// on the same filesystem as the sandboxes, so taking a copy is a `rename`.
+///
+/// Limitation: copies are made from the base image as it was when they were made; replacing
+/// `rootfs.ext4` under a running server leaves up to `target` sandboxes on the old image.
+#[derive(Debug)]
+pub struct DiskPool {
+    base: PathBuf,
+    dir: PathBuf,
+    target: usize,
+    ready: std::sync::Mutex<Vec<PathBuf>>,
+    refilling: std::sync::atomic::AtomicBool,
+    serial: std::sync::atomic::AtomicU64,
+}
+
+/// How a sandbox got its disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskSource {
+    /// A ready copy from the pool.
+    Pool,
+    /// Copied on the spot (pool empty or disabled).
+    Copied(CloneMethod),
+}
+
+impl DiskSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskSource::Pool => "pool",
+            DiskSource::Copied(CloneMethod::Reflink) => "reflink",
+            DiskSource::Copied(CloneMethod::SparseCopy) => "sparse_copy",
+        }
+    }
+}
+
+impl DiskPool {
+    /// A pool of `target` copies of `base` in `dir`. Anything already in `dir` is removed:
+    /// a copy left by an earlier run may be half-written.
+    pub fn new(base: &Path, dir: &Path, target: usize) -> io::Result<DiskPool> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::create_dir_all(dir)?;
+        Ok(DiskPool {
+            base: base.to_path_buf(),
+            dir: dir.to_path_buf(),
+            target,
+            ready: std::sync::Mutex::new(Vec::new()),
+            refilling: std::sync::atomic::AtomicBool::new(false),
+            serial: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Puts a private copy of the base image at `dest`: a ready one if there is one (a rename),
+    /// else a fresh copy. `dest` must be on the pool's filesystem and must not exist.
+    pub fn take(&self, dest: &Path) -> Result<DiskSource, RootfsError> {
+        let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some(copy) = ready {
+            if std::fs::rename(&copy, dest).is_ok() {
+                return Ok(DiskSource::Pool);
+            }
+            let _ = std::fs::remove_file(&copy);
+        }
+        clone_disk(&self.base, dest).map(DiskSource::Copied)
+    }
+
+    /// Makes copies until `target` are ready. Only one refill runs at a time; a call while one
+    /// runs returns at once. Blocking: run it on a blocking thread.
+    pub fn refill(&self) -> Result<(), RootfsError> {
+        use std::sync::atomic::Ordering;
+        if self.refilling.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let result = (|| {
+            while self.ready_count() < self.target {
+                let n = self.serial.fetch_add(1, Ordering::SeqCst);
+                let copy = self.dir.join(format!("disk-{n}.ext4"));
+                clone_disk(&self.base, &copy)?;
+                self.ready
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(copy);
+            }
+            Ok(())
+        })();
+        self.refilling.store(false, Ordering::SeqCst);
+        result
+    }
+
+    pub fn ready_count(&self) -> usize {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Deletes every ready copy (at shutdown).
+    pub fn drain(&self) {
+        for copy in self
+            .ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = std::fs::remove_file(copy);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::*;
+
+    #[test]
+    fn pool_hands_out_private_copies_then_falls_back_to_copying() {
+        let dir = std::env::temp_dir().join(format!("manta-diskpool-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("base.img");
+        std::fs::write(&base, b"pristine").unwrap();
+
+        let pool = DiskPool::new(&base, &dir.join("pool"), 2).unwrap();
+        pool.refill().unwrap();
+        assert_eq!(pool.ready_count(), 2);
+
+        let first = dir.join("a.img");
+        assert_eq!(pool.take(&first).unwrap(), DiskSource::Pool);
+        std::fs::write(&first, b"changed by guest").unwrap();
+        let second = dir.join("b.img");
+        assert_eq!(pool.take(&second).unwrap(), DiskSource::Pool);
+        assert_eq!(std::fs::read(&second).unwrap(), b"pristine");
+        let third = dir.join("c.img");
+        assert!(matches!(pool.take(&third).unwrap(), DiskSource::Copied(_)));
+        assert_eq!(std::fs::read(&third).unwrap(), b"pristine");
+
+        pool.refill().unwrap();
+        pool.drain();
+        assert!(!dir.join("pool").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -20,7 +20,7 @@ use crate::guest::{ExecOutput, ExecRequest, GuestError, GuestKeys, GuestSession}
 use crate::network::firewall::{Firewall, FirewallError};
 use crate::network::tap::{TapDevice, TapError};
 use crate::network::{AddressPool, Slot, TAP_PREFIX};
-use crate::rootfs::{self, RootfsError};
+use crate::rootfs::{DiskPool, RootfsError};
 use crate::vmm::{
     BASE_BOOT_ARGS, Backend, CONSOLE_LOG, VmProcess, VmSpec, Vmm, VmmError, log_tail,
 };
@@ -132,6 +132,8 @@ pub struct Created {
     pub sandbox_id: String,
     pub ip: Ipv4Addr,
     pub vmm: &'static str,
+    /// Where the root disk came from: "pool", "reflink" or "sparse_copy".
+    pub rootfs_source: &'static str,
     pub timings_ms: CreateTimings,
 }
 
@@ -219,13 +221,21 @@ pub struct Sandboxes {
     keys: GuestKeys,
     firewall: Firewall,
     pool: AddressPool,
+    disks: Arc<DiskPool>,
     live: Mutex<HashMap<String, Arc<Sandbox>>>,
     shutting_down: AtomicBool,
 }
 
 impl Sandboxes {
-    pub fn new(config: Config, vmm: Vmm, keys: GuestKeys, firewall: Firewall) -> Self {
+    pub fn new(
+        config: Config,
+        vmm: Vmm,
+        keys: GuestKeys,
+        firewall: Firewall,
+        disks: DiskPool,
+    ) -> Self {
         Sandboxes {
+            disks: Arc::new(disks),
             config,
             vmm,
             keys,
@@ -234,6 +244,16 @@ impl Sandboxes {
             live: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
         }
+    }
+
+    /// Tops the disk pool up in the background.
+    pub fn refill_disks(&self) {
+        let disks = Arc::clone(&self.disks);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = disks.refill() {
+                warn!(error = %e, "cannot refill the disk pool; creates will copy on the spot");
+            }
+        });
     }
 
     pub fn backend(&self) -> Backend {
@@ -328,13 +348,16 @@ impl Sandboxes {
             failed("work_dir")(format!("cannot create {}: {e}", sandbox.dir.display()))
         })?;
         self.write_record(sandbox).map_err(failed("work_dir"))?;
-        let base = self.config.rootfs_path.clone();
         let disk = sandbox.dir.join(DISK_FILE);
+        let disks = Arc::clone(&self.disks);
         let disk_for_copy = disk.clone();
-        tokio::task::spawn_blocking(move || rootfs::clone_disk(&base, &disk_for_copy))
+        let source = tokio::task::spawn_blocking(move || disks.take(&disk_for_copy))
             .await
             .map_err(|e| failed("rootfs")(e.to_string()))?
             .map_err(|e: RootfsError| failed("rootfs")(e.to_string()))?;
+        if self.config.disk_pool > 0 {
+            self.refill_disks();
+        }
         timings.rootfs = ms_since(t);
 
         let t = Instant::now();
@@ -404,6 +427,7 @@ impl Sandboxes {
             sandbox_id: id.clone(),
             ip: slot.guest_ip(),
             vmm: self.vmm.backend.name(),
+            rootfs_source: source.name(),
             timings_ms: timings,
         })
     }
@@ -525,6 +549,7 @@ impl Sandboxes {
     /// case VMs, taps, rules and records stay for the next start to re-adopt.
     pub async fn shutdown(&self, keep: bool) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        self.disks.drain();
         if keep {
             info!(
                 live = self.live_count(),
@@ -847,14 +872,18 @@ fn read_record(path: &Path) -> Option<SandboxRecord> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Writes JSON to a temporary file, syncs it, then renames it over `path`.
+/// Writes JSON to a temporary file, then renames it over `path`, so a reader sees the old
+/// record or the new one, never a torn one.
+///
+/// No fsync: the record must survive the server dying (kill -9), and the page cache does
+/// that. After a host power loss every VM is gone anyway, and a record that did not reach the
+/// disk reads as invalid, which reconcile cleans up like any other leftover.
 fn write_atomically<T: Serialize>(path: &Path, value: &T) -> Result<(), String> {
     let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(&bytes)?;
-        file.sync_all()?;
         std::fs::rename(&tmp, path)
     };
     write().map_err(|e| format!("cannot write record {}: {e}", path.display()))

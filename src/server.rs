@@ -10,6 +10,7 @@ use crate::api::{AppState, router};
 use crate::config::Config;
 use crate::guest::GuestKeys;
 use crate::network::firewall::Firewall;
+use crate::rootfs::DiskPool;
 use crate::sandbox::Sandboxes;
 use crate::vmm::{HostCaps, Vmm};
 
@@ -24,6 +25,8 @@ pub enum StartError {
     Keys(#[from] crate::guest::GuestError),
     #[error("cannot enable IPv4 forwarding (/proc/sys/net/ipv4/ip_forward): {0}")]
     Forwarding(std::io::Error),
+    #[error("cannot prepare the disk pool in the work dir (MANTA_WORK_DIR): {0}")]
+    WorkDir(std::io::Error),
     #[error("firewall: {0}")]
     Firewall(#[from] crate::network::firewall::FirewallError),
     #[error("cannot listen on {addr}: {source}")]
@@ -63,7 +66,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         bin,
         run_as,
     };
-    let sandboxes = Arc::new(Sandboxes::new(config, vmm, keys, firewall));
+    let disks = DiskPool::new(
+        &config.rootfs_path,
+        &config.work_dir.join("disk-pool"),
+        config.disk_pool,
+    )
+    .map_err(StartError::WorkDir)?;
+    let sandboxes = Arc::new(Sandboxes::new(config, vmm, keys, firewall, disks));
 
     let report = sandboxes.reconcile().await?;
     info!(
@@ -74,6 +83,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         rules_rebuilt_for = ?report.stale_rules,
         "reconciled state left by earlier runs"
     );
+
+    sandboxes.refill_disks();
 
     let listener = TcpListener::bind(listen_addr)
         .await

@@ -131,6 +131,8 @@ pub fn render(docs: &[Labeled]) -> Result<String, CompareError> {
     let _ = writeln!(out, "Manta vs the hand-run baseline");
     describe_sources(&mut out, baseline, &runs);
     let _ = writeln!(out);
+    figures(&mut out, docs);
+    let _ = writeln!(out);
     ratios(&mut out, baseline, create_run, exec_run);
     let _ = writeln!(out);
     let _ = writeln!(out, "targets");
@@ -195,6 +197,33 @@ fn describe_sources(out: &mut String, baseline: &Labeled, runs: &[&Labeled]) {
         "  host: {} cores ({}), kernel {}, KVM for standard guests: {}",
         h.cores, h.cpu_model, h.kernel, h.kvm
     );
+}
+
+/// p50 / p95 of each step, per document.
+fn figures(out: &mut String, docs: &[Labeled]) {
+    let _ = writeln!(
+        out,
+        "{:<32} {:>17} {:>17} {:>17} {:>17} {:>6}",
+        "p50 / p95 ms", "create", "exec", "destroy", "overhead p50/p99", "errors"
+    );
+    let pair =
+        |s: Option<Summary>| s.map_or("-".to_string(), |s| format!("{:.1} / {:.1}", s.p50, s.p95));
+    for doc in docs {
+        let l = &doc.report.latency_ms;
+        let name = Path::new(&doc.path)
+            .file_name()
+            .map_or(doc.path.clone(), |n| n.to_string_lossy().into_owned());
+        let _ = writeln!(
+            out,
+            "{name:<32} {:>17} {:>17} {:>17} {:>17} {:>6}",
+            pair(l.create),
+            pair(l.exec),
+            pair(l.destroy),
+            l.create_overhead
+                .map_or("-".to_string(), |s| format!("{:.1} / {:.1}", s.p50, s.p99)),
+            doc.report.errors.count,
+        );
+    }
 }
 
 fn ratios(out: &mut String, baseline: &Labeled, create_run: &Labeled, exec_run: Option<&Labeled>) {
