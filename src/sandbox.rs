@@ -608,7 +608,8 @@ impl Sandboxes {
         {
             leftovers.push(format!("VMM process {} still running", vm.pid));
         }
-        kill_stray_vmms(&sandbox.dir).await;
+        kill_stray_vmms(&sandbox.id).await;
+        crate::vmm::firecracker::remove_cgroups(&sandbox.id);
 
         let slot = sandbox.slot;
         let firewall = self.firewall.clone();
@@ -687,7 +688,9 @@ impl Sandboxes {
                 }
                 _ => {
                     info!(path = %path.display(), "removing work dir with no valid record");
-                    kill_stray_vmms(&path).await;
+                    if is_sandbox_id(&name) {
+                        kill_stray_vmms(&name).await;
+                    }
                     let _ = std::fs::remove_dir_all(&path);
                     report.stray_dirs.push(path.display().to_string());
                 }
@@ -717,7 +720,7 @@ impl Sandboxes {
     async fn adopt(&self, record: &SandboxRecord, dir: &Path) -> bool {
         let span = info_span!("sandbox", sandbox_id = %record.id, vmm = record.backend.name());
         async {
-            let marker = dir.display().to_string();
+            let marker = record.id.clone();
             let slot = Slot::from_index(record.slot);
             let vm = record
                 .vmm_pid
@@ -732,7 +735,7 @@ impl Sandboxes {
                     slot = record.slot,
                     "record names an invalid slot; removing its work dir"
                 );
-                kill_stray_vmms(dir).await;
+                kill_stray_vmms(&record.id).await;
                 let _ = std::fs::remove_dir_all(dir);
                 return false;
             };
@@ -845,25 +848,26 @@ async fn wait_for_exit(vm: Option<Arc<VmProcess>>) {
     }
 }
 
-/// Kills any VMM whose command line names this sandbox directory (a VMM we lost track of).
-async fn kill_stray_vmms(dir: &Path) {
-    let marker = dir.display().to_string();
-    for pid in pids_with_marker(&marker) {
-        if let Some(vm) = VmProcess::adopt(pid, &marker) {
-            warn!(pid, dir = %marker, "killing VMM process left behind for this sandbox");
+/// Kills any VMM whose command line names this sandbox (one we lost track of).
+async fn kill_stray_vmms(sandbox_id: &str) {
+    for pid in vmm_pids_for(sandbox_id) {
+        if let Some(vm) = VmProcess::adopt(pid, sandbox_id) {
+            warn!(
+                pid,
+                sandbox_id, "killing VMM process left behind for this sandbox"
+            );
             vm.kill(KILL_TIMEOUT).await;
         }
     }
 }
 
-fn pids_with_marker(marker: &str) -> Vec<u32> {
+fn vmm_pids_for(sandbox_id: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let me = std::process::id();
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me && crate::vmm::process_matches(pid, &format!("{marker}/")))
+        .filter(|&pid| crate::vmm::process_matches(pid, sandbox_id))
         .collect()
 }
 
@@ -887,6 +891,16 @@ fn write_atomically<T: Serialize>(path: &Path, value: &T) -> Result<(), String> 
         std::fs::rename(&tmp, path)
     };
     write().map_err(|e| format!("cannot write record {}: {e}", path.display()))
+}
+
+/// True for names of the form Manta gives sandboxes: `sb-` and 12 lowercase hex digits.
+fn is_sandbox_id(name: &str) -> bool {
+    name.strip_prefix("sb-").is_some_and(|hex| {
+        hex.len() == 12
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 fn new_sandbox_id() -> String {
@@ -922,8 +936,16 @@ mod tests {
         let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_sandbox_id()).collect();
         assert_eq!(ids.len(), 1000);
         for id in &ids {
-            assert_eq!(id.len(), 15);
-            assert!(id.starts_with("sb-") && id[3..].chars().all(|c| c.is_ascii_hexdigit()));
+            assert!(is_sandbox_id(id), "{id}");
+        }
+        for bad in [
+            "sb-",
+            "sb-0123456789ABCDEF",
+            "sb-0123456789aX",
+            "x",
+            "sb-0123456789abc",
+        ] {
+            assert!(!is_sandbox_id(bad), "{bad}");
         }
     }
 

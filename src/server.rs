@@ -27,6 +27,8 @@ pub enum StartError {
     Forwarding(std::io::Error),
     #[error("cannot prepare the disk pool in the work dir (MANTA_WORK_DIR): {0}")]
     WorkDir(std::io::Error),
+    #[error("MANTA_JAILER_BIN points to {0}, which was not found")]
+    JailerMissing(std::path::PathBuf),
     #[error("firewall: {0}")]
     Firewall(#[from] crate::network::firewall::FirewallError),
     #[error("cannot listen on {addr}: {source}")]
@@ -61,10 +63,32 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         crate::vmm::Backend::Firecracker => None,
         _ => config.vmm_user.clone(),
     };
+    let jail = match (backend, &caps.jailer_bin) {
+        (crate::vmm::Backend::Firecracker, Some(jailer)) => {
+            let user = config.vmm_user.as_deref().unwrap_or("root");
+            let (uid, gid) = match nix::unistd::User::from_name(user) {
+                Ok(Some(u)) => (u.uid.as_raw(), u.gid.as_raw()),
+                _ => (0, 0),
+            };
+            info!(jailer = %jailer.display(), uid, gid, "Firecracker runs through the jailer");
+            Some(crate::vmm::firecracker::Jail {
+                jailer: jailer.clone(),
+                uid,
+                gid,
+            })
+        }
+        (crate::vmm::Backend::Firecracker, None) if config.jailer_bin.is_some() => {
+            return Err(StartError::JailerMissing(
+                config.jailer_bin.clone().unwrap_or_default(),
+            ));
+        }
+        _ => None,
+    };
     let vmm = Vmm {
         backend,
         bin,
         run_as,
+        jail,
     };
     let disks = DiskPool::new(
         &config.rootfs_path,

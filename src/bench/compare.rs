@@ -151,7 +151,7 @@ fn describe_sources(out: &mut String, baseline: &Labeled, runs: &[&Labeled]) {
     let b = &baseline.report;
     let _ = writeln!(
         out,
-        "  baseline {}: {} by hand, {} boots, {} execs, {} failures ({}, rev {})",
+        "  baseline {}: {} by hand, {} boots, {} execs, {} failures ({}, rev {}{})",
         baseline.path,
         b.vmm,
         b.latency_ms.create.map_or(0, |s| s.n),
@@ -159,6 +159,7 @@ fn describe_sources(out: &mut String, baseline: &Labeled, runs: &[&Labeled]) {
         b.errors.count,
         b.timestamp,
         b.git_rev,
+        changes(b),
     );
     for run in runs {
         let r = &run.report;
@@ -175,11 +176,7 @@ fn describe_sources(out: &mut String, baseline: &Labeled, runs: &[&Labeled]) {
             if r.interrupted { ", INTERRUPTED" } else { "" },
             r.timestamp,
             r.git_rev,
-            if r.git_dirty == Some(true) {
-                "+changes"
-            } else {
-                ""
-            },
+            changes(r),
         );
         let (h, bh) = (&r.host, &b.host);
         if (h.cores, &h.kernel, &h.kvm) != (bh.cores, &bh.kernel, &bh.kvm) || r.vmm != b.vmm {
@@ -415,6 +412,15 @@ fn limit_line(
             value - limit,
             value / limit
         );
+    }
+}
+
+/// Marks a revision whose tracked files had local changes when it was measured.
+fn changes(report: &Report) -> &'static str {
+    if report.git_dirty == Some(true) {
+        "+changes"
+    } else {
+        ""
     }
 }
 

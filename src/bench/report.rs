@@ -267,39 +267,33 @@ impl Report {
             "{:<36} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "ms", "n", "min", "p50", "p95", "p99", "max"
         );
-        let rows: [(&str, &Option<Summary>); 11] = [
-            ("create", &self.latency_ms.create),
-            ("exec", &self.latency_ms.exec),
-            ("destroy", &self.latency_ms.destroy),
-            ("cycle", &self.latency_ms.cycle),
+        let rows: [(&str, Option<Summary>); 10] = [
+            ("create", self.latency_ms.create),
+            ("exec", self.latency_ms.exec),
+            ("destroy", self.latency_ms.destroy),
+            ("cycle", self.latency_ms.cycle),
             (
                 "create phases (server): rootfs",
-                &self.create_phases_ms.rootfs,
+                self.create_phases_ms.rootfs,
             ),
-            ("  network", &self.create_phases_ms.network),
-            ("  vmm_start", &self.create_phases_ms.vmm_start),
-            ("  boot_to_ssh", &self.create_phases_ms.boot_to_ssh),
-            ("  total", &self.create_phases_ms.total),
+            ("  network", self.create_phases_ms.network),
+            ("  vmm_start", self.create_phases_ms.vmm_start),
+            ("  boot_to_ssh", self.create_phases_ms.boot_to_ssh),
+            ("  total", self.create_phases_ms.total),
             (
                 "create overhead (wall - boot_to_ssh)",
-                &self.latency_ms.create_overhead,
+                self.latency_ms.create_overhead,
             ),
-            ("", &None),
         ];
         for (label, summary) in rows {
-            match summary {
-                Some(s) => {
-                    let _ = writeln!(
-                        out,
-                        "{label:<36} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
-                        s.n, s.min, s.p50, s.p95, s.p99, s.max
-                    );
-                }
-                None if label.is_empty() => {}
-                None => {
-                    let _ = writeln!(out, "{label:<36} {:>5} (no successful samples)", 0);
-                }
-            }
+            let _ = match summary {
+                Some(s) => writeln!(
+                    out,
+                    "{label:<36} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                    s.n, s.min, s.p50, s.p95, s.p99, s.max
+                ),
+                None => writeln!(out, "{label:<36} {:>5} (no successful samples)", 0),
+            };
         }
         if let Some(mem) = &self.server_memory {
             let per = mem

@@ -90,7 +90,8 @@ enum Phase {
 /// State the workers, the sampler and the progress line share.
 #[derive(Debug, Default)]
 struct Shared {
-    /// Sandboxes created by this run and not yet destroyed.
+    /// Sandboxes of this run the server holds: counted from the create request on (the server
+    /// registers a sandbox before it boots), until its destroy succeeds or its create fails.
     live: AtomicUsize,
     max_live: AtomicUsize,
     /// Set by Ctrl-C: workers finish the iteration in hand and take no new one.
@@ -243,12 +244,15 @@ async fn iteration(client: &ApiClient, options: &Options, shared: &Shared) -> Ou
     let mut outcome = Outcome::default();
     let cycle = Instant::now();
 
+    let live = shared.live.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.max_live.fetch_max(live, Ordering::SeqCst);
     let t = Instant::now();
     let created = client.send("POST", "/create", Some(&json!({}))).await;
     let create_ms = ms_since(t);
     let created = match expect_status(created, 201) {
         Ok(response) => response,
         Err(reason) => {
+            shared.live.fetch_sub(1, Ordering::SeqCst);
             outcome.error = Some(format!("create: {reason}"));
             return outcome;
         }
@@ -263,8 +267,6 @@ async fn iteration(client: &ApiClient, options: &Options, shared: &Shared) -> Ou
     };
     outcome.create_ms = Some(create_ms);
     outcome.server = timings;
-    let live = shared.live.fetch_add(1, Ordering::SeqCst) + 1;
-    shared.max_live.fetch_max(live, Ordering::SeqCst);
 
     let exec_body = json!({ "sandbox_id": sandbox_id, "cmd": options.cmd });
     for _ in 0..options.execs_per_sandbox {
@@ -573,7 +575,7 @@ impl MemorySampler {
             hwm_kib,
             max_live_sandboxes: max_live,
             per_live_sandbox_kib: (max_live > 0)
-                .then(|| round_ms(peak.saturating_sub(self.idle_rss_kib) as f64 / max_live as f64)),
+                .then(|| (peak.saturating_sub(self.idle_rss_kib) as f64 / max_live as f64).round()),
             note: state.note,
         }
     }

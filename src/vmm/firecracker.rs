@@ -22,25 +22,68 @@ const SOCKET_WAIT: Duration = Duration::from_secs(5);
 /// How long one API call may take.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Starts Firecracker for `spec` and boots the guest. On any failure the process is killed.
-pub async fn start(bin: &Path, spec: &VmSpec) -> Result<VmProcess, VmmError> {
-    let socket = spec.work_dir.join(API_SOCKET);
-    let _ = std::fs::remove_file(&socket);
+/// Running Firecracker through its jailer: chroot, unprivileged uid/gid, cgroup limits.
+#[derive(Debug, Clone)]
+pub struct Jail {
+    pub jailer: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Where the configuration's paths point: on the host, or inside the jail's chroot.
+struct Layout {
+    /// API socket as the host sees it.
+    socket: PathBuf,
+    /// Paths as Firecracker sees them.
+    kernel: PathBuf,
+    disk: PathBuf,
+    log: PathBuf,
+}
+
+/// The cgroup hierarchy all jailed VMs go under (`<controller>/manta/<sandbox id>`).
+const PARENT_CGROUP: &str = "manta";
+/// Memory a jailed VM may use beyond its guest RAM, for Firecracker itself (MiB).
+const VMM_OVERHEAD_MIB: u64 = 128;
+
+/// Starts Firecracker for `spec` (through the jailer when `jail` is set) and boots the guest.
+/// On any failure the process is killed.
+pub async fn start(bin: &Path, spec: &VmSpec, jail: Option<&Jail>) -> Result<VmProcess, VmmError> {
     let console = create_log(spec, CONSOLE_LOG)?;
     let stderr = create_log(spec, VMM_LOG)?;
-    create_log(spec, FC_LOG)?;
+    let (program, args, layout) = match jail {
+        None => {
+            let socket = spec.work_dir.join(API_SOCKET);
+            let _ = std::fs::remove_file(&socket);
+            create_log(spec, FC_LOG)?;
+            let args = vec![
+                "--api-sock".to_string(),
+                socket.display().to_string(),
+                "--id".to_string(),
+                spec.sandbox_id.clone(),
+            ];
+            let layout = Layout {
+                socket,
+                kernel: spec.kernel.clone(),
+                disk: spec.disk.clone(),
+                log: spec.work_dir.join(FC_LOG),
+            };
+            (bin.to_path_buf(), args, layout)
+        }
+        Some(jail) => {
+            let (args, layout) =
+                prepare_jail(bin, spec, jail).map_err(|source| VmmError::LogFile {
+                    sandbox_id: spec.sandbox_id.clone(),
+                    path: spec.work_dir.join("jail"),
+                    source,
+                })?;
+            (jail.jailer.clone(), args, layout)
+        }
+    };
 
-    let args = vec![
-        "--api-sock".to_string(),
-        socket.display().to_string(),
-        "--id".to_string(),
-        spec.sandbox_id.clone(),
-    ];
-    let child = spawn(bin, &args, console, stderr, &spec.sandbox_id)?;
+    let child = spawn(&program, &args, console, stderr, &spec.sandbox_id)?;
     let process = VmProcess::from_child(child)
-        .ok_or_else(|| exited(bin, spec, "exited at once".to_string()))?;
-
-    match configure(&socket, spec, &process, bin).await {
+        .ok_or_else(|| exited(&program, spec, "exited at once".to_string()))?;
+    match configure(&layout, spec, &process, &program).await {
         Ok(()) => Ok(process),
         Err(e) => {
             process.kill(Duration::from_secs(5)).await;
@@ -49,12 +92,104 @@ pub async fn start(bin: &Path, spec: &VmSpec) -> Result<VmProcess, VmmError> {
     }
 }
 
+/// Builds the chroot the jailer will enter (`<work_dir>/jail/firecracker/<id>/root`): the
+/// kernel linked in, the sandbox disk moved in, a log file and a socket directory owned by
+/// the jail's user. Returns the jailer's arguments.
+fn prepare_jail(bin: &Path, spec: &VmSpec, jail: &Jail) -> std::io::Result<(Vec<String>, Layout)> {
+    let base = spec.work_dir.join("jail");
+    let exec_name = bin
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("firecracker");
+    let root = base.join(exec_name).join(&spec.sandbox_id).join("root");
+    std::fs::create_dir_all(root.join("run"))?;
+    let owned = |path: &Path| std::os::unix::fs::chown(path, Some(jail.uid), Some(jail.gid));
+    owned(&root.join("run"))?;
+
+    let kernel = root.join("vmlinux");
+    if std::fs::hard_link(&spec.kernel, &kernel).is_err() {
+        std::fs::copy(&spec.kernel, &kernel)?;
+    }
+    std::fs::rename(&spec.disk, root.join("rootfs.ext4"))?;
+    owned(&root.join("rootfs.ext4"))?;
+    std::fs::File::create(root.join("firecracker.log"))?;
+    owned(&root.join("firecracker.log"))?;
+
+    let mut args: Vec<String> = vec![
+        "--id".to_string(),
+        spec.sandbox_id.clone(),
+        "--exec-file".to_string(),
+        bin.display().to_string(),
+        "--uid".to_string(),
+        jail.uid.to_string(),
+        "--gid".to_string(),
+        jail.gid.to_string(),
+        "--chroot-base-dir".to_string(),
+        base.display().to_string(),
+        "--resource-limit".to_string(),
+        "no-file=4096".to_string(),
+    ];
+    let memory_bytes = (u64::from(spec.mem_mib) + VMM_OVERHEAD_MIB) * 1024 * 1024;
+    let memory_limit = match cgroup_version() {
+        Some(1) => Some(("1", format!("memory.limit_in_bytes={memory_bytes}"))),
+        Some(_) => Some(("2", format!("memory.max={memory_bytes}"))),
+        // Limitation: with no usable memory controller the jail has no memory limit.
+        None => None,
+    };
+    if let Some((version, limit)) = memory_limit {
+        args.extend([
+            "--cgroup-version".to_string(),
+            version.to_string(),
+            "--parent-cgroup".to_string(),
+            PARENT_CGROUP.to_string(),
+            "--cgroup".to_string(),
+            limit,
+        ]);
+    }
+    args.extend([
+        "--".to_string(),
+        "--api-sock".to_string(),
+        format!("/run/{API_SOCKET}"),
+    ]);
+
+    let layout = Layout {
+        socket: root.join("run").join(API_SOCKET),
+        kernel: PathBuf::from("/vmlinux"),
+        disk: PathBuf::from("/rootfs.ext4"),
+        log: PathBuf::from("/firecracker.log"),
+    };
+    Ok((args, layout))
+}
+
+/// Which cgroup version offers a memory controller here, if any.
+fn cgroup_version() -> Option<u8> {
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+    if v2.split_whitespace().any(|c| c == "memory") {
+        return Some(2);
+    }
+    Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+        .exists()
+        .then_some(1)
+}
+
+/// Removes the cgroups the jailer made for a sandbox, once its VM is gone. A cgroup that does
+/// not exist is fine.
+pub fn remove_cgroups(sandbox_id: &str) {
+    for dir in [
+        format!("/sys/fs/cgroup/memory/{PARENT_CGROUP}/{sandbox_id}"),
+        format!("/sys/fs/cgroup/{PARENT_CGROUP}/{sandbox_id}"),
+    ] {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
 async fn configure(
-    socket: &Path,
+    layout: &Layout,
     spec: &VmSpec,
     process: &VmProcess,
     bin: &Path,
 ) -> Result<(), VmmError> {
+    let socket = layout.socket.as_path();
     wait_for_socket(socket, spec, process, bin).await?;
     let api = Api {
         socket: socket.to_path_buf(),
@@ -62,26 +197,19 @@ async fn configure(
     };
     api.put(
         "/logger",
-        json!({
-            "log_path": spec.work_dir.join(FC_LOG),
-            "level": "Info",
-            "show_level": true,
-        }),
+        json!({ "log_path": layout.log, "level": "Info", "show_level": true }),
     )
     .await?;
     api.put(
         "/boot-source",
-        json!({
-            "kernel_image_path": spec.kernel,
-            "boot_args": spec.boot_args,
-        }),
+        json!({ "kernel_image_path": layout.kernel, "boot_args": spec.boot_args }),
     )
     .await?;
     api.put(
         "/drives/rootfs",
         json!({
             "drive_id": "rootfs",
-            "path_on_host": spec.disk,
+            "path_on_host": layout.disk,
             "is_root_device": true,
             "is_read_only": false,
         }),
@@ -89,19 +217,12 @@ async fn configure(
     .await?;
     api.put(
         "/network-interfaces/eth0",
-        json!({
-            "iface_id": "eth0",
-            "host_dev_name": spec.tap,
-            "guest_mac": spec.guest_mac,
-        }),
+        json!({ "iface_id": "eth0", "host_dev_name": spec.tap, "guest_mac": spec.guest_mac }),
     )
     .await?;
     api.put(
         "/machine-config",
-        json!({
-            "vcpu_count": spec.vcpus,
-            "mem_size_mib": spec.mem_mib,
-        }),
+        json!({ "vcpu_count": spec.vcpus, "mem_size_mib": spec.mem_mib }),
     )
     .await?;
     api.put("/actions", json!({ "action_type": "InstanceStart" }))

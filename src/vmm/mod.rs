@@ -96,6 +96,8 @@ pub struct Vmm {
     pub bin: PathBuf,
     /// User QEMU drops to after opening its devices (`-runas`); `None` keeps root.
     pub run_as: Option<String>,
+    /// Firecracker only: run it through the jailer.
+    pub jail: Option<firecracker::Jail>,
 }
 
 impl Vmm {
@@ -103,7 +105,7 @@ impl Vmm {
     /// still booting.
     pub async fn start(&self, spec: &VmSpec) -> Result<VmProcess, VmmError> {
         match self.backend {
-            Backend::Firecracker => firecracker::start(&self.bin, spec).await,
+            Backend::Firecracker => firecracker::start(&self.bin, spec, self.jail.as_ref()).await,
             Backend::QemuKvm => qemu::start(&self.bin, spec, true, self.run_as.as_deref()).await,
             Backend::QemuTcg => qemu::start(&self.bin, spec, false, self.run_as.as_deref()).await,
         }
@@ -127,7 +129,7 @@ impl VmProcess {
     }
 
     /// Takes over a VMM started by an earlier server, if `pid` still runs a VMM whose command
-    /// line mentions `marker` (the sandbox's work directory), so a reused pid is never touched.
+    /// line names sandbox `marker`, so a reused pid is never touched.
     pub fn adopt(pid: u32, marker: &str) -> Option<VmProcess> {
         process_matches(pid, marker).then(|| VmProcess {
             pid,
@@ -258,16 +260,24 @@ fn released(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-/// True if `pid` is alive and its command line contains `marker`.
+/// True if `pid` is a live VMM process (QEMU, or Firecracker, also when started by the
+/// jailer) whose command line contains `marker` (a sandbox id). Both backends put the id on
+/// their command line (`-name manta-<id>`, `--id <id>`), so a reused pid is never mistaken for
+/// a sandbox's VMM.
 pub fn process_matches(pid: u32, marker: &str) -> bool {
     if !pid_alive(pid) {
+        return false;
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if !(comm.starts_with("qemu-system") || comm.starts_with("firecracker")) {
         return false;
     }
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    cmdline.contains(marker)
+    String::from_utf8_lossy(&cmdline)
+        .replace('\0', " ")
+        .contains(marker)
 }
 
 #[cfg(test)]
@@ -287,13 +297,16 @@ mod tests {
     }
 
     #[test]
-    fn own_process_is_alive_and_matches() {
+    fn only_vmm_processes_match() {
         let me = std::process::id();
         assert!(pid_alive(me));
         let exe = std::env::current_exe().unwrap();
         let name = exe.file_name().unwrap().to_str().unwrap();
-        assert!(process_matches(me, name));
-        assert!(!process_matches(me, "no-such-marker-in-cmdline"));
+        assert!(
+            !process_matches(me, name),
+            "a test binary is not a VMM, whatever its cmdline"
+        );
         assert!(!pid_alive(u32::MAX / 2));
+        assert!(!process_matches(u32::MAX / 2, "sb-"));
     }
 }
