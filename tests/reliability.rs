@@ -394,25 +394,19 @@ fn capacity_limit_answers_503_at_once() {
 fn failed_creates_undo_every_step() {
     // Boot timeout: the guest cannot answer SSH within 1 s under emulation.
     let server = Server::start();
-    let resp = server.request("POST", "/create", Some(r#"{"boot_timeout_s":1}"#));
-    assert_eq!(resp.status, 500, "{}", resp.text);
-    assert_eq!(resp.json()["error"]["code"], "boot_timeout");
-    server.assert_no_leftovers();
+    assert_create_fails(
+        &server,
+        Some(r#"{"boot_timeout_s":1}"#),
+        "boot_timeout",
+        "did not answer SSH",
+    );
 
     // Disk full: the per-sandbox disk copy runs out of space in the work dir.
     let server = Server::start_with(ServerOptions {
         work_dir_tmpfs_mib: Some(16),
         ..Default::default()
     });
-    let resp = server.request("POST", "/create", None);
-    assert_eq!(resp.status, 500, "{}", resp.text);
-    let err = resp.json();
-    assert_eq!(err["error"]["code"], "create_failed");
-    assert!(
-        err["error"]["message"].as_str().unwrap().contains("rootfs"),
-        "{err}"
-    );
-    server.assert_no_leftovers();
+    assert_create_fails(&server, None, "create_failed", "rootfs");
     assert_eq!(ids_listed(&server), Vec::<String>::new());
     drop(server);
 
@@ -424,13 +418,17 @@ fn failed_creates_undo_every_step() {
         ],
         ..Default::default()
     });
-    let resp = server.request("POST", "/create", None);
+    assert_create_fails(&server, None, "create_failed", "exited");
+}
+
+/// Asserts that a create answers 500 with `code` and a message containing `needle`, and that
+/// it left nothing behind.
+fn assert_create_fails(server: &Server, body: Option<&str>, code: &str, needle: &str) {
+    let resp = server.request("POST", "/create", body);
     assert_eq!(resp.status, 500, "{}", resp.text);
     let err = resp.json();
-    assert_eq!(err["error"]["code"], "create_failed");
-    assert!(
-        err["error"]["message"].as_str().unwrap().contains("exited"),
-        "{err}"
-    );
+    assert_eq!(err["error"]["code"], code);
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.contains(needle), "{needle:?} not in {message}");
     server.assert_no_leftovers();
 }

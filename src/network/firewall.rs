@@ -13,7 +13,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use super::{GUEST_NET, GUEST_NET_PREFIX, Slot, TAP_PREFIX};
+use super::{GUEST_NET, GUEST_NET_PREFIX, Slot, TAP_WILDCARD};
 use crate::config::EgressPolicy;
 
 pub const CHAIN_INPUT: &str = "MANTA-INPUT";
@@ -74,14 +74,7 @@ impl Firewall {
     /// Per-sandbox rules are dropped by this; callers re-add them for sandboxes they keep.
     pub fn install(&self) -> Result<(), FirewallError> {
         restore(&self.base_rules())?;
-        let taps = format!("{TAP_PREFIX}+");
-        let hooks: [(&str, &str, Vec<&str>); 4] = [
-            ("filter", "INPUT", vec!["-i", &taps, "-j", CHAIN_INPUT]),
-            ("filter", "FORWARD", vec!["-i", &taps, "-j", CHAIN_FORWARD]),
-            ("filter", "FORWARD", vec!["-o", &taps, "-j", CHAIN_FORWARD]),
-            ("nat", "POSTROUTING", vec!["-j", CHAIN_POSTROUTING]),
-        ];
-        for (table, chain, spec) in hooks {
+        for (table, chain, spec) in hooks() {
             let mut check = vec!["-t", table, "-C", chain];
             check.extend(&spec);
             if iptables(&check).is_err() {
@@ -95,14 +88,7 @@ impl Firewall {
 
     /// Removes every hook and chain that [`Firewall::install`] made.
     pub fn uninstall(&self) -> Result<(), FirewallError> {
-        let taps = format!("{TAP_PREFIX}+");
-        let hooks: [(&str, &str, Vec<&str>); 4] = [
-            ("filter", "INPUT", vec!["-i", &taps, "-j", CHAIN_INPUT]),
-            ("filter", "FORWARD", vec!["-i", &taps, "-j", CHAIN_FORWARD]),
-            ("filter", "FORWARD", vec!["-o", &taps, "-j", CHAIN_FORWARD]),
-            ("nat", "POSTROUTING", vec!["-j", CHAIN_POSTROUTING]),
-        ];
-        for (table, chain, spec) in hooks {
+        for (table, chain, spec) in hooks() {
             let mut delete = vec!["-t", table, "-D", chain];
             delete.extend(&spec);
             while iptables(&delete).is_ok() {}
@@ -162,7 +148,7 @@ impl Firewall {
 
     fn base_rules(&self) -> String {
         let iface = &self.host_iface;
-        let taps = format!("{TAP_PREFIX}+");
+        let taps = TAP_WILDCARD;
         let guest_net = format!("{GUEST_NET}/{GUEST_NET_PREFIX}");
         let mut filter = vec![
             format!(":{CHAIN_INPUT} - [0:0]"),
@@ -198,6 +184,28 @@ impl Firewall {
             nat.join("\n")
         )
     }
+}
+
+/// The jumps from the built-in chains into Manta's: (table, chain, rule).
+fn hooks() -> [(&'static str, &'static str, Vec<&'static str>); 4] {
+    [
+        (
+            "filter",
+            "INPUT",
+            vec!["-i", TAP_WILDCARD, "-j", CHAIN_INPUT],
+        ),
+        (
+            "filter",
+            "FORWARD",
+            vec!["-i", TAP_WILDCARD, "-j", CHAIN_FORWARD],
+        ),
+        (
+            "filter",
+            "FORWARD",
+            vec!["-o", TAP_WILDCARD, "-j", CHAIN_FORWARD],
+        ),
+        ("nat", "POSTROUTING", vec!["-j", CHAIN_POSTROUTING]),
+    ]
 }
 
 /// Every rule line in `table`'s `chain`, as `iptables -S` prints them (empty if none).

@@ -19,6 +19,8 @@ pub const GUEST_NET_PREFIX: u8 = 16;
 pub const SLOT_PREFIX: u8 = 30;
 /// Tap names are this prefix plus the slot index; reconcile treats any link with it as ours.
 pub const TAP_PREFIX: &str = "mt";
+/// iptables interface pattern matching every tap of ours.
+pub const TAP_WILDCARD: &str = "mt+";
 /// Highest slot index: a /16 holds 16384 /30s, and index 0 is never handed out.
 const MAX_SLOT: u16 = (1 << (32 - GUEST_NET_PREFIX - (32 - SLOT_PREFIX))) - 1;
 
@@ -158,6 +160,11 @@ mod tests {
         assert_eq!(last.guest_ip(), Ipv4Addr::new(172, 31, 255, 254));
         assert!(Slot::from_index(0).is_none());
         assert!(Slot::from_index(MAX_SLOT + 1).is_none());
+    }
+
+    #[test]
+    fn tap_wildcard_matches_the_prefix() {
+        assert_eq!(TAP_WILDCARD, format!("{TAP_PREFIX}+"));
     }
 
     #[test]
