@@ -26,7 +26,7 @@ log "step 1/3: guest artifacts and Firecracker (skipped where already built)"
 ensure_tools iptables:iptables iproute2:ip qemu-system-x86:qemu-system-x86_64
 
 log "step 2/3: cargo test --release"
-cargo test --release -- --test-threads "$TEST_THREADS"
+cargo test --release -- --test-threads "$TEST_THREADS" --nocapture
 
 log "step 3/3: guest boot test"
 "$MANTA_REPO_ROOT/tests/boot-test.sh"
