@@ -23,6 +23,8 @@ set -euo pipefail
 export LC_ALL=C
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/isolated-netns.sh
+source "$REPO_ROOT/scripts/isolated-netns.sh"
 STAGE="${1:-}"
 
 ITERATIONS="${ITERATIONS:-50}"
@@ -133,8 +135,7 @@ cleanup() {
         log "killing leftover process $pid ($(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | cut -c1-80))"
         kill -9 "$pid" 2>/dev/null || true
     done
-    ip netns del "$NETNS" 2>/dev/null || true
-    ip netns del "$SINK" 2>/dev/null || true
+    isolated_netns_down "$NETNS" "$SINK"
     if ((rc != 0)) && [[ -f $SERVER_LOG ]]; then
         log "server log tail ($SERVER_LOG):"
         tail -n 20 "$SERVER_LOG" >&2 || true
@@ -159,16 +160,8 @@ cp --sparse=always "$ARTIFACTS_DIR/rootfs.ext4" "$SNAPSHOT/"
 cp "$ARTIFACTS_DIR"/{vmlinux,ssh_host_ed25519_key.pub} "$SNAPSHOT/"
 install -m 600 "$ARTIFACTS_DIR/sandbox_key" "$SNAPSHOT/sandbox_key"
 
-# The same recipe as tests/common/mod.rs (TestNet).
 log "network namespace $NETNS with uplink up0 -> sink namespace $SINK"
-ip netns add "$NETNS"
-ip netns add "$SINK"
-ip -n "$NETNS" link set lo up
-ip -n "$NETNS" link add up0 type veth peer name sink0 netns "$SINK"
-ip -n "$NETNS" addr add 192.0.2.1/24 dev up0
-ip -n "$NETNS" link set up0 up
-ip -n "$SINK" link set sink0 up
-ip -n "$NETNS" route add default via 192.0.2.254 dev up0
+isolated_netns_up "$NETNS" "$SINK"
 
 log "starting manta-server on $URL (log $SERVER_LOG)"
 # `ip netns exec` and `env` both exec in place, so $! is the server's own pid.

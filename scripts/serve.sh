@@ -12,7 +12,7 @@
 # destroys every sandbox, then exits.
 set -euo pipefail
 
-MANTA_LOG_TAG=serve
+export MANTA_LOG_TAG=serve
 # shellcheck source=guest/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../guest/lib.sh"
 cd "$MANTA_REPO_ROOT"
@@ -41,21 +41,12 @@ if [[ $ISOLATED != 1 ]]; then
     exec "$bin"
 fi
 
+# shellcheck source=scripts/isolated-netns.sh
+source "$MANTA_REPO_ROOT/scripts/isolated-netns.sh"
 sink="$NETNS-sink"
-cleanup() {
-    ip netns del "$NETNS" 2>/dev/null || true
-    ip netns del "$sink" 2>/dev/null || true
-}
-trap cleanup EXIT
-cleanup
-ip netns add "$NETNS"
-ip netns add "$sink"
-ip -n "$NETNS" link set lo up
-ip -n "$NETNS" link add up0 type veth peer name sink0 netns "$sink"
-ip -n "$NETNS" addr add 192.0.2.1/24 dev up0
-ip -n "$NETNS" link set up0 up
-ip -n "$sink" link set sink0 up
-ip -n "$NETNS" route add default via 192.0.2.254 dev up0
+trap 'isolated_netns_down "$NETNS" "$sink"' EXIT
+isolated_netns_down "$NETNS" "$sink"
+isolated_netns_up "$NETNS" "$sink"
 log "isolated: namespace $NETNS, uplink up0 leads to the empty namespace $sink"
 log "try: ip netns exec $NETNS curl -s -X POST localhost:8080/create"
 MANTA_HOST_IFACE=up0 ip netns exec "$NETNS" "$bin" &

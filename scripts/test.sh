@@ -11,7 +11,7 @@
 # into an empty namespace.
 set -euo pipefail
 
-MANTA_LOG_TAG=test
+export MANTA_LOG_TAG="test"
 # shellcheck source=guest/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../guest/lib.sh"
 cd "$MANTA_REPO_ROOT"
