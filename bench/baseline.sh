@@ -198,6 +198,7 @@ inner() {
     if [[ $VMM_USER == root ]]; then elevate=deny runas=(); fi
 
     local disk="$WORK/rootfs.ext4"
+    # shellcheck disable=SC2054 # QEMU option values are comma-separated lists.
     local -a qemu_args=(
         -sandbox "on,obsolete=deny,elevateprivileges=$elevate,spawn=deny,resourcecontrol=deny"
         "${runas[@]}"
