@@ -16,42 +16,43 @@ pub fn print() -> ExitCode {
     };
     let fc = std::path::PathBuf::from(get("MANTA_FIRECRACKER_BIN", "firecracker"));
     let qemu = std::path::PathBuf::from(get("MANTA_QEMU_BIN", "qemu-system-x86_64"));
-    let jailer = vars.get("MANTA_JAILER_BIN").map(std::path::PathBuf::from);
-    let caps = HostCaps::probe(&fc, &qemu, jailer.as_deref());
+    // The jailer is only used when MANTA_JAILER_BIN is set; report the one in PATH otherwise.
+    let jailer = std::path::PathBuf::from(get("MANTA_JAILER_BIN", "jailer"));
+    let caps = HostCaps::probe(&fc, &qemu, Some(&jailer));
 
     println!("manta doctor");
-    println!("  /dev/kvm:               {}", yes_no(caps.kvm_device));
+    println!("  /dev/kvm:                 {}", yes_no(caps.kvm_device));
     println!(
-        "  hardware virtualisation: {}",
+        "  hardware virtualisation:  {}",
         caps.hw_virt
             .as_deref()
             .unwrap_or("none (no vmx/svm in /proc/cpuinfo)")
     );
-    println!("  KVM module kvm_pvm:     {}", yes_no(caps.pvm));
+    println!("  KVM module kvm_pvm:       {}", yes_no(caps.pvm));
     match caps.kvm_unusable_reason() {
-        None => println!("  standard guests on KVM: yes"),
-        Some(why) => println!("  standard guests on KVM: no, {why}"),
+        None => println!("  standard guests on KVM:   yes"),
+        Some(why) => println!("  standard guests on KVM:   no, {why}"),
     }
     println!(
-        "  firecracker:            {}",
+        "  firecracker:              {}",
         version(caps.firecracker_bin.as_deref(), "--version")
     );
     println!(
-        "  jailer:                 {}",
+        "  jailer:                   {}",
         version(caps.jailer_bin.as_deref(), "--version")
     );
     println!(
-        "  qemu:                   {}",
+        "  qemu:                     {}",
         version(caps.qemu_bin.as_deref(), "--version")
     );
     println!(
-        "  iptables:               {}",
+        "  iptables:                 {}",
         version(Some(std::path::Path::new("iptables")), "--version")
     );
     let forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
-    println!("  ip_forward:             {}", forward.trim());
+    println!("  ip_forward:               {}", forward.trim());
     println!(
-        "  default route iface:    {}",
+        "  default route iface:      {}",
         RealHost
             .default_route_iface()
             .unwrap_or_else(|| "none".to_string())
@@ -67,13 +68,13 @@ pub fn print() -> ExitCode {
     match Config::from_env() {
         Ok(config) => {
             println!(
-                "  configuration:          ok (listen {}, host iface {})",
+                "  configuration:            ok (listen {}, host iface {})",
                 config.listen_addr, config.host_iface
             );
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("  configuration:          error: {e}");
+            println!("  configuration:            error: {e}");
             ExitCode::from(1)
         }
     }
