@@ -142,7 +142,10 @@ async fn create(
         parse(&body)?
     };
     let params = create_params(&parsed)?;
-    let created = state.sandboxes.create(params).await?;
+    // Create and destroy run as tasks of their own: a client that hangs up must not cancel
+    // them half-way, which would strand a sandbox in "creating" or "destroying".
+    let sandboxes = Arc::clone(&state.sandboxes);
+    let created = detached(async move { sandboxes.create(params).await }).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -192,15 +195,15 @@ async fn exec(
 
     let started = Instant::now();
     let span = info_span!("exec", sandbox_id = %body.sandbox_id);
-    let out = state
-        .sandboxes
-        .exec(
-            &body.sandbox_id,
-            &body.cmd,
-            Duration::from_secs_f64(timeout_s),
-        )
-        .instrument(span.clone())
-        .await?;
+    // Detached too: a command whose client hung up still ends by its timeout, and its
+    // processes are killed then, rather than being left running with nobody waiting.
+    let sandboxes = Arc::clone(&state.sandboxes);
+    let (id, cmd) = (body.sandbox_id.clone(), body.cmd);
+    let timeout = Duration::from_secs_f64(timeout_s);
+    let work = async move { sandboxes.exec(&id, &cmd, timeout).await };
+    let out = detached(work.instrument(span.clone()))
+        .await
+        .inspect_err(|e| span.in_scope(|| tracing::warn!(error = ?e, "exec failed")))?;
     let duration_ms = (started.elapsed().as_micros() as f64 / 10.0).round() / 100.0;
     span.in_scope(|| tracing::info!(duration_ms, exit_code = ?out.exit_code, timed_out = out.timed_out, "exec done"));
 
@@ -216,6 +219,20 @@ async fn exec(
         response["signal"] = json!(signal);
     }
     Ok(Json(response).into_response())
+}
+
+/// Runs `work` on its own task and waits for it; the work goes on if the caller is dropped.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, SandboxError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(work).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the request's task failed: {e}"),
+        )),
+    }
 }
 
 /// Adds `name` as text; when the bytes are not valid UTF-8, the text is a lossy rendering and
@@ -236,7 +253,9 @@ async fn destroy(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body: DestroyBody = parse(&body.map_err(body_error)?)?;
-    let duration_ms = state.sandboxes.destroy(&body.sandbox_id).await?;
+    let sandboxes = Arc::clone(&state.sandboxes);
+    let id = body.sandbox_id.clone();
+    let duration_ms = detached(async move { sandboxes.destroy(&id).await }).await?;
     Ok(Json(
         json!({ "sandbox_id": body.sandbox_id, "destroyed": true, "duration_ms": duration_ms }),
     )
@@ -325,6 +344,13 @@ fn body_error(rejection: BytesRejection) -> ApiError {
 /// Parses a JSON body: syntax errors are 400 `malformed_json`, shape errors (missing fields,
 /// wrong types, unknown fields) are 422 `invalid_request`.
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // serde would also read a struct from a JSON array by position; only objects are API.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if matches!(first, Some(b'[')) {
+        return Err(ApiError::invalid(
+            "request body must be a JSON object, not an array",
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             ApiError::invalid(format!("invalid request body: {e}"))

@@ -28,6 +28,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// so a guest that dies mid-exec is noticed within about 3 seconds.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEPALIVE_MAX: usize = 3;
+/// Longest command sent in the SSH exec request itself; dropbear refuses command strings
+/// longer than about 9000 bytes (and drops the connection), so longer ones go through stdin.
+const INLINE_CMD_MAX: usize = 8 * 1024;
 /// Environment variable that marks every process of one exec, so a timeout can find them all.
 const EXEC_MARKER: &str = "MANTA_EXEC_ID";
 
@@ -255,8 +258,21 @@ impl GuestSession {
             reason: e.to_string(),
         };
         let mut channel = self.handle.channel_open_session().await.map_err(lost)?;
-        let wrapped = format!("export {EXEC_MARKER}={}; {}", req.exec_id, req.cmd);
-        channel.exec(true, wrapped).await.map_err(lost)?;
+        let marker = format!("export {EXEC_MARKER}={};", req.exec_id);
+        if req.cmd.len() <= INLINE_CMD_MAX {
+            channel
+                .exec(true, format!("{marker} {}", req.cmd))
+                .await
+                .map_err(lost)?;
+        } else {
+            // Too long for the SSH server's command string: send it as stdin, where the shell
+            // reads exactly its length and runs it.
+            let reader = format!("{marker} eval \"$(head -c {})\"", req.cmd.len());
+            channel.exec(true, reader).await.map_err(lost)?;
+            channel.data(req.cmd.as_bytes()).await.map_err(lost)?;
+        }
+        // The command gets end-of-file on stdin rather than waiting for input nobody sends.
+        channel.eof().await.map_err(lost)?;
 
         let mut out = ExecOutput::default();
         let mut kept = 0usize;

@@ -547,8 +547,12 @@ impl Sandboxes {
 
     /// Stops accepting creates; then destroys every sandbox unless `keep` is set, in which
     /// case VMs, taps, rules and records stay for the next start to re-adopt.
+    ///
+    /// Runs once; later calls return at once.
     pub async fn shutdown(&self, keep: bool) {
-        self.shutting_down.store(true, Ordering::SeqCst);
+        if self.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
         self.disks.drain();
         if keep {
             info!(

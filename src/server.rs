@@ -14,6 +14,11 @@ use crate::rootfs::DiskPool;
 use crate::sandbox::Sandboxes;
 use crate::vmm::{HostCaps, Vmm};
 
+/// The host's IPv4 forwarding switch: on while the server runs, restored at exit.
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// How long requests still in flight get after the sandboxes are torn down at shutdown.
+const REQUEST_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Anything that stops the server from starting; the message is printed as is.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -27,6 +32,11 @@ pub enum StartError {
     Forwarding(std::io::Error),
     #[error("cannot prepare the disk pool in the work dir (MANTA_WORK_DIR): {0}")]
     WorkDir(std::io::Error),
+    #[error(
+        "another manta-server already uses MANTA_WORK_DIR={0} (its lock file is held); \
+         give each server its own work dir"
+    )]
+    WorkDirBusy(std::path::PathBuf),
     #[error("MANTA_JAILER_BIN points to {0}, which was not found")]
     JailerMissing(std::path::PathBuf),
     #[error("firewall: {0}")]
@@ -53,8 +63,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     .unwrap_or_else(|| unreachable!("choose() only picks a backend whose binary exists"));
     info!(vmm = backend.name(), bin = %bin.display(), %reason, "VMM chosen");
 
+    let _work_dir_lock = lock_work_dir(&config.work_dir)?;
     let keys = GuestKeys::load(&config.ssh_key_path, &config.ssh_host_key_path)?;
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(StartError::Forwarding)?;
+    let forwarding_before = std::fs::read_to_string(IP_FORWARD).unwrap_or_default();
+    std::fs::write(IP_FORWARD, "1").map_err(StartError::Forwarding)?;
     let firewall = Firewall::new(&config.host_iface, config.egress);
     let listen_addr = config.listen_addr;
     let keep_on_exit = config.keep_on_exit;
@@ -121,15 +133,55 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         sandboxes: Arc::clone(&sandboxes),
         api_token,
     });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
-    if let Err(e) = served {
-        warn!(error = %e, "server stopped with an error");
+    // On SIGINT/SIGTERM: stop accepting, tear the sandboxes down (which also ends commands
+    // still running in them), then give other requests in flight a short while to answer.
+    let (torn_down_tx, mut torn_down) = tokio::sync::watch::channel(false);
+    let teardown_sandboxes = Arc::clone(&sandboxes);
+    let graceful = async move {
+        shutdown_signal().await;
+        teardown_sandboxes.shutdown(keep_on_exit).await;
+        let _ = torn_down_tx.send(true);
+    };
+    let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    tokio::select! {
+        served = serve => {
+            if let Err(e) = served {
+                warn!(error = %e, "server stopped with an error");
+            }
+        }
+        _ = async {
+            let _ = torn_down.wait_for(|done| *done).await;
+            tokio::time::sleep(REQUEST_DRAIN).await;
+        } => {
+            warn!(drain_ms = REQUEST_DRAIN.as_millis() as u64, "requests still running after shutdown; exiting anyway");
+        }
     }
 
+    // Idempotent: a no-op when the signal path above already ran.
     sandboxes.shutdown(keep_on_exit).await;
+    if !keep_on_exit && forwarding_before.trim() == "0" {
+        let _ = std::fs::write(IP_FORWARD, "0");
+    }
     Ok(())
+}
+
+/// Takes an exclusive lock on `<work_dir>/manta.lock`, held while the returned file is open:
+/// two servers sharing a work dir would adopt, and then destroy, each other's sandboxes.
+fn lock_work_dir(work_dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use std::os::fd::AsRawFd;
+
+    std::fs::create_dir_all(work_dir).map_err(StartError::WorkDir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(work_dir.join("manta.lock"))
+        .map_err(StartError::WorkDir)?;
+    // SAFETY: flock on an fd we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(StartError::WorkDirBusy(work_dir.to_path_buf()));
+    }
+    Ok(file)
 }
 
 async fn shutdown_signal() {

@@ -90,6 +90,13 @@ fn bad_input_gets_a_clear_json_error() {
         (
             "POST",
             "/create",
+            Some("[1,128,30]".into()),
+            422,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/create",
             Some(r#"{"vcpus":"two"}"#.into()),
             422,
             "invalid_request",
@@ -275,8 +282,26 @@ fn sigterm_destroys_every_sandbox() {
     assert_ne!(a, b);
     assert_eq!(server.vmm_pids().len(), 2);
 
+    // A command still running when the signal comes is ended, not waited for.
+    let exec = {
+        let body = json!({"sandbox_id": a, "cmd": "sleep 300", "timeout_s": 600}).to_string();
+        let (ns, port) = (server.net.name.clone(), server.port);
+        std::thread::spawn(move || common::request_in(&ns, port, "POST", "/exec", &body))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let started = std::time::Instant::now();
     let status = server.terminate();
+    let took = started.elapsed();
     assert!(status.success(), "server exit status {status}");
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "shutdown took {took:?}"
+    );
+    let answered = exec.join().unwrap();
+    assert!(
+        answered.map(|r| r.status != 200).unwrap_or(true),
+        "the running exec was not ended"
+    );
     server.assert_no_leftovers();
     assert_eq!(
         server.net.manta_rules(),

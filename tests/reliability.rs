@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{Server, ServerOptions, pids_mentioning};
+use common::{Server, ServerOptions, artifacts_dir, pids_mentioning};
 use serde_json::{Value, json};
 
 fn id_of(created: &Value) -> String {
@@ -431,4 +431,85 @@ fn assert_create_fails(server: &Server, body: Option<&str>, code: &str, needle: 
     let message = err["error"]["message"].as_str().unwrap();
     assert!(message.contains(needle), "{needle:?} not in {message}");
     server.assert_no_leftovers();
+}
+
+#[test]
+fn clients_that_hang_up_do_not_strand_sandboxes() {
+    let server = Server::start();
+
+    // Hang up half a second into a create: the create still finishes.
+    server.hang_up_after("POST", "/create", "{}", Duration::from_millis(500));
+    let list = server.wait_for_list(Duration::from_secs(120), |l| {
+        l.len() == 1 && l[0]["state"] == "running"
+    });
+    let id = list[0]["sandbox_id"].as_str().unwrap().to_string();
+    assert_eq!(server.exec(&id, "echo alive")["stdout"], "alive\n");
+
+    // Hang up at once on a destroy: the destroy still finishes and the sandbox is forgotten.
+    let body = json!({ "sandbox_id": id }).to_string();
+    server.hang_up_after("POST", "/destroy", &body, Duration::from_millis(5));
+    server.wait_for_list(Duration::from_secs(30), |l| l.is_empty());
+    server.assert_no_leftovers();
+}
+
+#[test]
+fn long_commands_run_and_stdin_is_closed() {
+    let server = Server::start();
+    let id = id_of(&server.create());
+
+    // 100 KB of script: beyond what the SSH server takes in one exec request.
+    let long = format!(": '{}'; echo long-ok", "x".repeat(100_000));
+    let out = server.exec(&id, &long);
+    assert_eq!(out["stdout"], "long-ok\n", "{}", out["stderr"]);
+    assert_eq!(out["exit_code"], 0);
+    // And the connection is still fine for the next command.
+    assert_eq!(server.exec(&id, "echo next")["stdout"], "next\n");
+
+    let started = Instant::now();
+    let cat = server.exec_with(&id, "cat; read x; echo \"read=$?\"", Some(30.0));
+    assert_eq!(
+        cat["timed_out"], false,
+        "a command reading stdin waited for input: {cat}"
+    );
+    assert_eq!(cat["stdout"], "read=1\n");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(server.destroy(&id).status, 200);
+}
+
+#[test]
+fn a_second_server_on_the_same_work_dir_refuses_to_start() {
+    let server = Server::start();
+    let dir = artifacts_dir();
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &server.net.name,
+            env!("CARGO_BIN_EXE_manta-server"),
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MANTA_LISTEN_ADDR", "127.0.0.1:18098")
+        .env("MANTA_HOST_IFACE", "up0")
+        .env("MANTA_WORK_DIR", &server.work_dir)
+        .env("MANTA_KERNEL_PATH", dir.join("vmlinux"))
+        .env("MANTA_ROOTFS_PATH", dir.join("rootfs.ext4"))
+        .env("MANTA_SSH_KEY_PATH", dir.join("sandbox_key"))
+        .env(
+            "MANTA_SSH_HOST_KEY_PATH",
+            dir.join("ssh_host_ed25519_key.pub"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("another manta-server already uses MANTA_WORK_DIR"),
+        "{stderr}"
+    );
+    assert_eq!(
+        server.request("GET", "/healthz", None).status,
+        200,
+        "the first server still serves"
+    );
 }

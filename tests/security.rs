@@ -112,6 +112,21 @@ fn guests_cannot_reach_the_host_or_each_other() {
         );
     }
 
+    // IPv6 is off on the host side of every tap: no link-local address to reach the host
+    // on, no router advertisements from a guest taken in.
+    for tap in server.net.taps() {
+        let knob = format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6");
+        assert_eq!(
+            server.net.exec(&["cat", &knob]).trim(),
+            "1",
+            "IPv6 on {tap}"
+        );
+        let v6 = server
+            .net
+            .exec(&["ip", "-6", "-o", "addr", "show", "dev", &tap]);
+        assert!(v6.trim().is_empty(), "{tap} has IPv6 addresses: {v6}");
+    }
+
     // Guest B's sshd answers the host, but not guest A.
     let from_host = server.net.exec(&[
         "bash",

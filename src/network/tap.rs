@@ -53,7 +53,10 @@ impl TapDevice {
         tap.ioctl_int(&tun, TUNSETPERSIST, 1, "TUNSETPERSIST")?;
         drop(tun);
 
-        if let Err(e) = tap.configure(host_ip, netmask) {
+        if let Err(e) = tap
+            .disable_ipv6()
+            .and_then(|()| tap.configure(host_ip, netmask))
+        {
             let _ = tap.remove();
             return Err(e);
         }
@@ -157,6 +160,23 @@ impl TapDevice {
             return Err(self.ioctl_error(what));
         }
         Ok(())
+    }
+
+    /// Turns IPv6 off on the host side of the tap before it comes up: no link-local address
+    /// for a guest to reach the host on, and no router advertisements from a guest accepted.
+    /// (Manta's filter rules are IPv4; this keeps IPv6 from going around them.)
+    fn disable_ipv6(&self) -> Result<(), TapError> {
+        let knob = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", self.name);
+        match std::fs::write(&knob, "1") {
+            Ok(()) => Ok(()),
+            // A kernel without IPv6 has no such file, and nothing to turn off.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(TapError::Ioctl {
+                op: "disable_ipv6",
+                name: self.name.clone(),
+                source,
+            }),
+        }
     }
 
     /// Sets the address and netmask, then sets IFF_UP.

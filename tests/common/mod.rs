@@ -108,26 +108,26 @@ impl TestNet {
             "up0",
         ]);
         // No IPv6 chatter on the uplink, so the sink's counters count only guest traffic.
-        for ns in [&net.name, &net.sink] {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.disable_ipv6=1",
-            ]);
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ]);
-        }
+        // (Only the uplink: the taps keep the kernel's default, so the tests see what Manta
+        // itself does about IPv6 on them.)
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &net.name,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.up0.disable_ipv6=1",
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &net.sink,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.sink0.disable_ipv6=1",
+        ]);
         net
     }
 
@@ -448,6 +448,45 @@ impl Server {
         .expect("request thread panicked")
     }
 
+    /// Sends a request and hangs up after `wait`, without reading the answer.
+    pub fn hang_up_after(&self, method: &str, path: &str, body: &str, wait: Duration) {
+        let ns = self.net.name.clone();
+        let port = self.port;
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        std::thread::spawn(move || {
+            enter_netns(&ns).unwrap();
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            stream.write_all(request.as_bytes()).unwrap();
+            std::thread::sleep(wait);
+            drop(stream);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Polls `GET /sandboxes` until `done` holds for the list, or panics after `limit`.
+    pub fn wait_for_list(&self, limit: Duration, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let list = self.request("GET", "/sandboxes", None).json()["sandboxes"]
+                .as_array()
+                .unwrap()
+                .clone();
+            if done(&list) {
+                return list;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sandbox list never settled: {list:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn create(&self) -> Value {
         let resp = self.request("POST", "/create", Some("{}"));
         assert_eq!(
@@ -575,6 +614,29 @@ pub fn reap_orphaned_vmms() {
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
         }
     }
+}
+
+/// One JSON request to the server on `port` inside namespace `ns` (for use from threads that
+/// do not hold the [`Server`]).
+pub fn request_in(
+    ns: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<Response> {
+    let bytes = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    enter_netns(ns)?;
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+    stream.write_all(bytes.as_bytes())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    Response::parse(&raw)
 }
 
 /// Pids (other than ours) whose command line contains `needle`.
