@@ -44,8 +44,12 @@ fi
 # shellcheck source=scripts/isolated-netns.sh
 source "$MANTA_REPO_ROOT/scripts/isolated-netns.sh"
 sink="$NETNS-sink"
+for ns in "$NETNS" "$sink"; do
+    if ip netns list | grep -qw -- "$ns"; then
+        die "network namespace $ns already exists (another demo running?); remove it with 'ip netns del $ns' or pick another name with NETNS=..."
+    fi
+done
 trap 'isolated_netns_down "$NETNS" "$sink"' EXIT
-isolated_netns_down "$NETNS" "$sink"
 isolated_netns_up "$NETNS" "$sink"
 log "isolated: namespace $NETNS, uplink up0 leads to the empty namespace $sink"
 log "try: ip netns exec $NETNS curl -s -X POST localhost:8080/create"

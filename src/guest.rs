@@ -324,14 +324,25 @@ impl GuestSession {
 
     /// Kills every process in the guest whose environment carries this exec's marker.
     async fn kill_exec(&self, exec_id: &str) {
-        // Shell builtins only (no process per /proc entry): fast even under TCG.
+        // Marked processes and all their descendants (a child that cleared its environment is
+        // still a child), found first and killed together, so none is re-parented to init
+        // before it is seen. Shell builtins only: no process per /proc entry, fast under TCG.
         let script = format!(
-            "for d in /proc/[0-9]*; do \
-               mapfile -d '' -t env < \"$d/environ\" 2>/dev/null || continue; \
+            "declare -A doomed=() parent=(); \
+             for d in /proc/[0-9]*; do \
+               p=${{d#/proc/}}; read -r st < \"$d/stat\" 2>/dev/null || continue; \
+               set -- ${{st##*) }}; parent[$p]=$2; \
+               mapfile -d '' -t env < \"$d/environ\" 2>/dev/null; \
                for v in \"${{env[@]}}\"; do \
-                 if [[ $v == '{EXEC_MARKER}={exec_id}' ]]; then kill -9 \"${{d#/proc/}}\" 2>/dev/null; break; fi; \
+                 if [[ $v == '{EXEC_MARKER}={exec_id}' ]]; then doomed[$p]=1; break; fi; \
                done; \
-             done; true"
+             done; \
+             grew=1; while ((grew)); do grew=0; \
+               for p in \"${{!parent[@]}}\"; do \
+                 if [[ -z ${{doomed[$p]}} && -n ${{doomed[${{parent[$p]}}]}} ]]; then doomed[$p]=1; grew=1; fi; \
+               done; \
+             done; \
+             ((${{#doomed[@]}})) && kill -9 \"${{!doomed[@]}}\" 2>/dev/null; true"
         );
         let Ok(mut channel) = self.handle.channel_open_session().await else {
             return;

@@ -33,6 +33,10 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 const RECORD_FILE: &str = "sandbox.json";
 /// Per-sandbox disk file name.
 const DISK_FILE: &str = "rootfs.ext4";
+/// Commands one sandbox runs at once (one SSH channel each). Under emulation, 50-60
+/// simultaneous channels on one dropbear connection sometimes lost a few of them; the rest
+/// queue.
+const PARALLEL_EXECS: usize = 16;
 /// How often a running exec checks that the VM process still lives.
 const VM_WATCH_INTERVAL: Duration = Duration::from_millis(200);
 /// How long re-adoption waits for a surviving guest's SSH at start.
@@ -177,6 +181,8 @@ struct Sandbox {
     state: Mutex<SandboxState>,
     vm: Mutex<Option<Arc<VmProcess>>>,
     ssh: Mutex<Option<Arc<GuestSession>>>,
+    /// Commands running at once in this sandbox; more wait for a turn.
+    exec_slots: tokio::sync::Semaphore,
 }
 
 impl Sandbox {
@@ -322,6 +328,7 @@ impl Sandboxes {
             state: Mutex::new(SandboxState::Creating),
             vm: Mutex::new(None),
             ssh: Mutex::new(None),
+            exec_slots: tokio::sync::Semaphore::new(PARALLEL_EXECS),
         });
         live.insert(id, Arc::clone(&sandbox));
         Ok(sandbox)
@@ -452,6 +459,8 @@ impl Sandboxes {
             id: id.to_string(),
             reason,
         };
+        // Waiting for a turn is not part of the command's timeout.
+        let _turn = sandbox.exec_slots.acquire().await;
         let session = self
             .session(&sandbox)
             .await
@@ -758,6 +767,7 @@ impl Sandboxes {
                 state: Mutex::new(SandboxState::Running),
                 vm: Mutex::new(vm),
                 ssh: Mutex::new(None),
+                exec_slots: tokio::sync::Semaphore::new(PARALLEL_EXECS),
             });
             if usable {
                 let firewall = self.firewall.clone();

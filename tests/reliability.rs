@@ -232,10 +232,10 @@ fn exec_timeout_kills_background_children_holding_stdout() {
     let id = id_of(&server.create());
     let started = Instant::now();
     // The shell itself waits, so the exec only ends by the timeout; the background child
-    // holds the same stdout.
+    // holds the same stdout; another clears its environment, so only parentage ties it to us.
     let out = server.exec_with(
         &id,
-        "(sleep 300; echo late) & echo started; sleep 600",
+        "(sleep 300; echo late) & env -i sleep 301 & echo started; sleep 600",
         Some(2.0),
     );
     let took = started.elapsed();
