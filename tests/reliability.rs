@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{Server, ServerOptions, artifacts_dir, pids_mentioning};
+use common::{Server, ServerOptions, pids_mentioning};
 use serde_json::{Value, json};
 
 fn id_of(created: &Value) -> String {
@@ -479,28 +479,17 @@ fn long_commands_run_and_stdin_is_closed() {
 #[test]
 fn a_second_server_on_the_same_work_dir_refuses_to_start() {
     let server = Server::start();
-    let dir = artifacts_dir();
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &server.net.name,
-            env!("CARGO_BIN_EXE_manta-server"),
-        ])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("MANTA_LISTEN_ADDR", "127.0.0.1:18098")
-        .env("MANTA_HOST_IFACE", "up0")
-        .env("MANTA_WORK_DIR", &server.work_dir)
-        .env("MANTA_KERNEL_PATH", dir.join("vmlinux"))
-        .env("MANTA_ROOTFS_PATH", dir.join("rootfs.ext4"))
-        .env("MANTA_SSH_KEY_PATH", dir.join("sandbox_key"))
-        .env(
-            "MANTA_SSH_HOST_KEY_PATH",
-            dir.join("ssh_host_ed25519_key.pub"),
-        )
-        .output()
-        .unwrap();
+    let work_dir = server.work_dir.display().to_string();
+    let out = common::server_command(
+        Some(&server.net.name),
+        &[
+            ("MANTA_LISTEN_ADDR", "127.0.0.1:18098"),
+            ("MANTA_HOST_IFACE", "up0"),
+            ("MANTA_WORK_DIR", &work_dir),
+        ],
+    )
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(

@@ -10,7 +10,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Server, ServerOptions, artifacts_dir};
+use common::{Server, ServerOptions};
 use serde_json::Value;
 
 const TOKEN: &str = "test-token-0123456789abcdef";
@@ -242,21 +242,15 @@ fn api_requires_the_token_when_one_is_set() {
 #[test]
 fn open_bind_without_token_refuses_to_start() {
     common::require_root_and_artifacts();
-    let dir = artifacts_dir();
-    let out = Command::new(env!("CARGO_BIN_EXE_manta-server"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("MANTA_LISTEN_ADDR", "0.0.0.0:18099")
-        .env("MANTA_HOST_IFACE", "lo")
-        .env("MANTA_KERNEL_PATH", dir.join("vmlinux"))
-        .env("MANTA_ROOTFS_PATH", dir.join("rootfs.ext4"))
-        .env("MANTA_SSH_KEY_PATH", dir.join("sandbox_key"))
-        .env(
-            "MANTA_SSH_HOST_KEY_PATH",
-            dir.join("ssh_host_ed25519_key.pub"),
-        )
-        .output()
-        .unwrap();
+    let out = common::server_command(
+        None,
+        &[
+            ("MANTA_LISTEN_ADDR", "0.0.0.0:18099"),
+            ("MANTA_HOST_IFACE", "lo"),
+        ],
+    )
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(

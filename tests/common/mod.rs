@@ -50,6 +50,32 @@ pub fn artifacts_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-artifacts"))
 }
 
+/// `manta-server` with a clean environment that points at the guest artifacts, to run once
+/// and read its exit; started inside namespace `netns` when given.
+pub fn server_command(netns: Option<&str>, env: &[(&str, &str)]) -> Command {
+    let dir = artifacts_dir();
+    let bin = env!("CARGO_BIN_EXE_manta-server");
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin]);
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MANTA_KERNEL_PATH", dir.join("vmlinux"))
+        .env("MANTA_ROOTFS_PATH", dir.join("rootfs.ext4"))
+        .env("MANTA_SSH_KEY_PATH", dir.join("sandbox_key"))
+        .env(
+            "MANTA_SSH_HOST_KEY_PATH",
+            dir.join("ssh_host_ed25519_key.pub"),
+        )
+        .envs(env.iter().copied());
+    cmd
+}
+
 /// Runs a command to completion; panics with its output if it fails.
 pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])
