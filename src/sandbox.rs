@@ -152,6 +152,9 @@ pub struct SandboxSummary {
     pub age_s: f64,
     pub vmm: &'static str,
     pub vmm_pid: Option<u32>,
+    /// False once the VM process has exited (a crashed or killed guest) while the sandbox
+    /// still exists; destroy it to clean up.
+    pub vm_alive: bool,
 }
 
 /// The durable record of a sandbox, in `<work_dir>/sandboxes/<id>/sandbox.json`.
@@ -544,6 +547,7 @@ impl Sandboxes {
                 age_s: (s.created.elapsed().as_millis() as f64) / 1000.0,
                 vmm: self.vmm.backend.name(),
                 vmm_pid: s.vm().map(|vm| vm.pid),
+                vm_alive: s.vm().is_some_and(|vm| vm.is_alive()),
             })
             .collect();
         out.sort_by(|a, b| b.age_s.total_cmp(&a.age_s));

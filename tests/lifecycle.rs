@@ -28,6 +28,7 @@ fn create_exec_destroy_leaves_nothing() {
     let listed = server.request("GET", "/sandboxes", None).json();
     assert_eq!(listed["sandboxes"][0]["sandbox_id"], id.as_str());
     assert_eq!(listed["sandboxes"][0]["state"], "running");
+    assert_eq!(listed["sandboxes"][0]["vm_alive"], true);
     assert_eq!(server.net.taps(), vec!["mt1".to_string()]);
     assert_eq!(
         server.net.sandbox_rules().len(),

@@ -325,6 +325,8 @@ fn guest_death_mid_exec_is_an_error_within_seconds() {
     assert_eq!(resp.status, 500, "{}", resp.text);
     assert_eq!(resp.json()["error"]["code"], "exec_failed");
     assert!(delay < Duration::from_secs(5), "took {delay:?}");
+    let listed = server.request("GET", "/sandboxes", None).json();
+    assert_eq!(listed["sandboxes"][0]["vm_alive"], false, "{listed}");
 
     assert_eq!(server.destroy(&id).status, 200);
     server.assert_no_leftovers();
