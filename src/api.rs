@@ -204,7 +204,7 @@ async fn exec(
     let out = detached(work.instrument(span.clone()))
         .await
         .inspect_err(|e| span.in_scope(|| tracing::warn!(error = ?e, "exec failed")))?;
-    let duration_ms = (started.elapsed().as_micros() as f64 / 10.0).round() / 100.0;
+    let duration_ms = crate::sandbox::ms_since(started);
     span.in_scope(|| tracing::info!(duration_ms, exit_code = ?out.exit_code, timed_out = out.timed_out, "exec done"));
 
     let mut response = json!({

@@ -291,7 +291,7 @@ pub struct RealHost;
 
 impl HostFacts for RealHost {
     fn iface_exists(&self, name: &str) -> bool {
-        Path::new("/sys/class/net").join(name).exists()
+        crate::network::tap::TapDevice::exists(name)
     }
 
     fn default_route_iface(&self) -> Option<String> {

@@ -179,7 +179,6 @@ struct Sandbox {
     vcpus: u8,
     mem_mib: u32,
     created_unix_ms: u64,
-    created: Instant,
     dir: PathBuf,
     state: Mutex<SandboxState>,
     vm: Mutex<Option<Arc<VmProcess>>>,
@@ -189,6 +188,27 @@ struct Sandbox {
 }
 
 impl Sandbox {
+    /// The in-memory sandbox for a record (a new one at create, or one read back at start).
+    fn from_record(
+        record: &SandboxRecord,
+        slot: Slot,
+        dir: PathBuf,
+        vm: Option<Arc<VmProcess>>,
+    ) -> Sandbox {
+        Sandbox {
+            id: record.id.clone(),
+            slot,
+            vcpus: record.vcpus,
+            mem_mib: record.mem_mib,
+            created_unix_ms: record.created_unix_ms,
+            dir,
+            state: Mutex::new(record.state),
+            vm: Mutex::new(vm),
+            ssh: Mutex::new(None),
+            exec_slots: tokio::sync::Semaphore::new(PARALLEL_EXECS),
+        }
+    }
+
     fn state(&self) -> SandboxState {
         *self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -320,19 +340,22 @@ impl Sandboxes {
         }
         let slot = self.pool.allocate().ok_or(SandboxError::PoolExhausted)?;
         let id = new_sandbox_id();
-        let sandbox = Arc::new(Sandbox {
-            dir: self.sandboxes_dir().join(&id),
+        let record = SandboxRecord {
             id: id.clone(),
-            slot,
+            slot: slot.index(),
             vcpus: params.vcpus,
             mem_mib: params.mem_mib,
             created_unix_ms: unix_ms(),
-            created: Instant::now(),
-            state: Mutex::new(SandboxState::Creating),
-            vm: Mutex::new(None),
-            ssh: Mutex::new(None),
-            exec_slots: tokio::sync::Semaphore::new(PARALLEL_EXECS),
-        });
+            backend: self.vmm.backend,
+            state: SandboxState::Creating,
+            vmm_pid: None,
+        };
+        let sandbox = Arc::new(Sandbox::from_record(
+            &record,
+            slot,
+            self.sandboxes_dir().join(&id),
+            None,
+        ));
         live.insert(id, Arc::clone(&sandbox));
         Ok(sandbox)
     }
@@ -544,7 +567,7 @@ impl Sandboxes {
                 ip: s.slot.guest_ip(),
                 vcpus: s.vcpus,
                 mem_mib: s.mem_mib,
-                age_s: (s.created.elapsed().as_millis() as f64) / 1000.0,
+                age_s: unix_ms().saturating_sub(s.created_unix_ms) as f64 / 1000.0,
                 vmm: self.vmm.backend.name(),
                 vmm_pid: s.vm().map(|vm| vm.pid),
                 vm_alive: s.vm().is_some_and(|vm| vm.is_alive()),
@@ -756,23 +779,7 @@ impl Sandboxes {
                 let _ = std::fs::remove_dir_all(dir);
                 return false;
             };
-            let sandbox = Arc::new(Sandbox {
-                id: record.id.clone(),
-                slot,
-                vcpus: record.vcpus,
-                mem_mib: record.mem_mib,
-                created_unix_ms: record.created_unix_ms,
-                created: Instant::now()
-                    .checked_sub(Duration::from_millis(
-                        unix_ms().saturating_sub(record.created_unix_ms),
-                    ))
-                    .unwrap_or_else(Instant::now),
-                dir: dir.to_path_buf(),
-                state: Mutex::new(SandboxState::Running),
-                vm: Mutex::new(vm),
-                ssh: Mutex::new(None),
-                exec_slots: tokio::sync::Semaphore::new(PARALLEL_EXECS),
-            });
+            let sandbox = Arc::new(Sandbox::from_record(record, slot, dir.to_path_buf(), vm));
             if usable {
                 let firewall = self.firewall.clone();
                 let id = record.id.clone();
@@ -941,7 +948,8 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn ms_since(t: Instant) -> f64 {
+/// Milliseconds since `t`, rounded to hundredths.
+pub(crate) fn ms_since(t: Instant) -> f64 {
     (t.elapsed().as_micros() as f64 / 10.0).round() / 100.0
 }
 
